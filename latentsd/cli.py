@@ -1,0 +1,68 @@
+"""The `latentsd` command. Each subcommand parses its arguments and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _generate(args) -> None:
+    from .generate import generate_to_file, load_pipeline
+
+    pipe = load_pipeline(args.model, scheduler=args.scheduler, device=args.device)
+    out = generate_to_file(pipe, args.prompt, args.out, negative_prompt=args.negative_prompt, steps=args.steps,
+                           guidance=args.guidance, seed=args.seed, num_images=args.num_images,
+                           height=args.height, width=args.width, eta=args.eta)
+    print(f"saved {args.num_images} image(s) for {args.prompt!r} to {out}")
+
+
+def _init_model(args) -> None:
+    from .models import build_components
+    from .pipeline import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline(**build_components(args.config, seed=args.seed).as_dict())
+    pipe.save_pretrained(args.out)
+    print(f"saved a randomly initialised {args.config!r} model to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentsd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="generate images from a prompt with a model folder or hub id")
+    p.add_argument("prompt")
+    p.add_argument("--model", required=True, help="diffusers-layout model folder or hub id")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; 1 disables it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1, help="images for the prompt; >1 writes a grid")
+    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--scheduler", choices=("model", "ddpm", "ddim"), default="model",
+                   help="sampler: the folder's own scheduler (default), ours DDPM, or ours DDIM")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--out", default="out.png", help="output PNG (a .json sidecar lists the prompts)")
+    p.set_defaults(run=_generate)
+
+    p = sub.add_parser("init-model", help="save a randomly initialised model from a model config")
+    p.add_argument("--config", default="tiny", help="configs/models/NAME.yaml or a YAML path (default tiny)")
+    p.add_argument("--out", required=True, help="folder to write (diffusers layout)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_init_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as err:  # bad input: say what is wrong, no traceback
+        print(f"latentsd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

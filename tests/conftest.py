@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny random models built from configs/models/tiny.yaml, saved once per session."""
+
+import pytest
+import torch
+
+from latentsd.models import build_components
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """Random-init tiny components (never mutate them in a test: build your own for that)."""
+    return build_components("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny):
+    """A diffusers-layout folder of the tiny model, as `latentsd init-model` writes it."""
+    from latentsd.pipeline import LatentDiffusionPipeline
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    LatentDiffusionPipeline(**tiny.as_dict()).save_pretrained(path)
+    return path
