@@ -13,12 +13,27 @@ def _scale_shift(vae) -> tuple[float, float]:
     return vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
 
 
-def encode(vae, pixels: torch.Tensor, generator: torch.Generator | None = None,
-           sample: bool = True) -> torch.Tensor:
-    """Images in [-1, 1] ``[B, 3, H, W]`` → scaled latents; ``sample=False`` takes the posterior mode."""
+def latent_shape(vae, pixel_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``[B, 3, H, W]`` → ``[B, C, H/f, W/f]`` for this VAE."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return (pixel_shape[0], vae.config.latent_channels, pixel_shape[2] // factor, pixel_shape[3] // factor)
+
+
+def encode(vae, pixels: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True,
+           noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Images in [-1, 1] ``[B, 3, H, W]`` → scaled latents.
+
+    ``sample=False`` takes the posterior mode; ``noise`` (of :func:`latent_shape`) replaces the
+    posterior's own draw, for callers that must control every random number.
+    """
     scale, shift = _scale_shift(vae)
     posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    z = posterior.sample(generator) if sample else posterior.mode()
+    if not sample:
+        z = posterior.mode()
+    elif noise is not None:
+        z = posterior.mean + posterior.std * noise.to(posterior.mean)
+    else:
+        z = posterior.sample(generator)
     return (z - shift) * scale
 
 
@@ -32,7 +47,7 @@ def decode(vae, latents: torch.Tensor, slice_size: int | None = None, tiled: boo
     """
     scale, shift = _scale_shift(vae)
     z = (latents / scale + shift).to(dtype=vae.dtype)
-    step = slice_size or z.shape[0]
+    step = z.shape[0] if slice_size is None else slice_size
     if step < 1:
         raise ValueError(f"slice_size must be >= 1, got {slice_size}")
 

@@ -105,7 +105,7 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    _check_pretrained(pretrained)
+    check_model_folder(pretrained)
     common = {"revision": revision}
     weights = {**common, "variant": variant, "torch_dtype": torch_dtype}
     return Components(
@@ -117,7 +117,7 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
     )
 
 
-def _check_pretrained(pretrained: str) -> None:
+def check_model_folder(pretrained: str) -> None:
     """A local folder must have the diffusers layout; fail early with the fix instead of a hub lookup."""
     path = Path(pretrained)
     looks_local = path.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1

@@ -23,7 +23,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .latents import decode
-from .models import as_our_scheduler
+from .models import as_our_scheduler, check_model_folder
 from .text import PromptEncoder
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -59,6 +59,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load a diffusers-layout folder or hub id; diffusers' DDPM/DDIM become ours, others stay as they are."""
+        check_model_folder(str(pretrained_model_name_or_path))
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         pipe.scheduler = as_our_scheduler(pipe.scheduler)
         return pipe

@@ -55,13 +55,14 @@ class PromptEncoder:
     def encode_ids(self, ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
         """``[B, n, window]`` ids → ``[B, n * window, D]`` hidden states."""
         batch, chunks, window = ids.shape
-        flat = ids.reshape(batch * chunks, window).to(self.text_encoder.device)
+        flat = ids.reshape(batch * chunks, window).to(next(self.text_encoder.parameters()).device)
         if clip_skip is None:
             hidden = self.text_encoder(flat)[0]
         else:
             states = self.text_encoder(flat, output_hidden_states=True).hidden_states
             # transformers 5 puts final_layer_norm on the model itself; 4.x on its .text_model
-            model = getattr(self.text_encoder, "text_model", self.text_encoder)
+            model = getattr(self.text_encoder, "module", self.text_encoder)  # under DDP
+            model = getattr(model, "text_model", model)
             hidden = model.final_layer_norm(states[-(clip_skip + 1)])
         return hidden.reshape(batch, chunks * window, -1)
 

@@ -35,7 +35,7 @@ CALLS = [
     {},
     {"guidance_scale": 1.0, "num_images_per_prompt": 2},
     {"negative_prompt": ["blurry", "dark"], "guidance_rescale": 0.5},
-    {"negative_prompt": "blurry", "eta": 0.7, "height": 48, "width": 80},
+    {"negative_prompt": ["blurry", "blurry"], "eta": 0.7, "height": 48, "width": 80},
 ]
 
 
@@ -57,6 +57,11 @@ def test_prompt_embeds_and_latents_inputs(tiny):
     by_embeds = pipe(prompt_embeds=embeds, negative_prompt_embeds=neg, latents=latents, num_inference_steps=4,
                      output_type="np").images
     np.testing.assert_allclose(by_text, by_embeds, atol=1e-6)
+
+
+def test_one_negative_string_applies_to_every_prompt(tiny):
+    pipe, _ = _pipes(tiny, DDIMScheduler.from_config(tiny.scheduler.config))
+    np.testing.assert_array_equal(_run(pipe, negative_prompt="blurry"), _run(pipe, negative_prompt=["blurry"] * 2))
 
 
 def test_callback_sees_every_step_and_can_edit_latents(tiny):

@@ -1,0 +1,70 @@
+"""Resumable checkpoints: accelerate state written atomically, newest K kept.
+
+A checkpoint is ``output_dir/checkpoints/step-0000100/`` holding accelerate's state (models, optimizer, LR
+scheduler, RNG states, registered objects such as the step counter) plus the resolved ``config.yaml``.
+It is first written to a hidden temp folder and renamed when complete, so a crash mid-save leaves the
+previous checkpoint intact and ``resume=latest`` never picks up half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from ..config import save_config
+
+PATTERN = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_dir(output_dir)
+    found = [p for p in root.iterdir() if PATTERN.match(p.name)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """``none`` → None; ``latest`` → newest checkpoint or None (fresh start); a path → that folder."""
+    if resume == "none":
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "config.yaml").is_file():
+        raise FileNotFoundError(f"resume={resume!r} is not a checkpoint folder (no config.yaml inside); use "
+                                f"resume=latest or a folder like {checkpoint_dir(output_dir)}/step-0000100")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, config, keep: int) -> Path:
+    """Every process calls this (accelerate writes per-rank RNG files); only the main one renames/prunes."""
+    root = checkpoint_dir(output_dir)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_config(config, tmp / "config.yaml")
+        if final.exists():  # a re-run of the same step after a resume: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune(output_dir, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prune(output_dir: str | Path, keep: int) -> None:
+    if keep > 0:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
