@@ -25,6 +25,19 @@ def _init_model(args) -> None:
     print(f"saved a randomly initialised {args.config!r} model to {args.out}")
 
 
+def _train(args) -> None:
+    from .config import load_config
+    from .training.trainer import train
+
+    train(load_config(args.config, args.overrides))
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="training YAML, e.g. configs/train/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. max_steps=100 optim.learning_rate=1e-4 data.dataset=DIR")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentsd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -45,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="out.png", help="output PNG (a .json sidecar lists the prompts)")
     p.set_defaults(run=_generate)
+
+    p = sub.add_parser("train", help="train or fine-tune from a YAML config (also: accelerate launch train_scripts/train.py)")
+    add_train_args(p)
+    p.set_defaults(run=_train)
 
     p = sub.add_parser("init-model", help="save a randomly initialised model from a model config")
     p.add_argument("--config", default="tiny", help="configs/models/NAME.yaml or a YAML path (default tiny)")

@@ -92,6 +92,11 @@ def load_model(cfg: TrainConfig) -> Components:
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    from accelerate.state import AcceleratorState
+
+    # A second run in the same process (the demo, tests) may ask for another precision; keep the
+    # process group (PartialState), forget the previous run's settings.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
         # sync_with_dataloader=False: accumulation runs across epoch ends, so step k is always
@@ -168,7 +173,8 @@ class Trainer:
         for module in (p.vae, p.text_encoder, p.unet):
             is_trained = module in trained
             module.requires_grad_(is_trained).train(is_trained)
-            module.to(device, dtype=torch.float32 if is_trained else self.weight_dtype)
+            dtype = torch.float32 if is_trained else self.weight_dtype
+            module.to(device) if module.dtype == dtype else module.to(device, dtype=dtype)
         if m.gradient_checkpointing:
             for module in trained:
                 module.gradient_checkpointing_enable() if hasattr(module, "gradient_checkpointing_enable") \

@@ -1,0 +1,557 @@
+"""Typed training configuration: nested dataclasses loaded from YAML + dotted overrides.
+
+Every key is declared exactly once, as a dataclass field with a default and a
+``help`` string (see :func:`opt`).  The loader is generic: it walks the type
+annotations, so adding a new section is one dataclass plus one line in
+:class:`TrainConfig` (``ema: EMAConfig = section(EMAConfig, "...")``).
+
+Typical use::
+
+    cfg = load_config("configs/train/tiny.yaml", ["optim.learning_rate=3e-4", "data.dataset=data/x"])
+    save_config(cfg, out_dir / "config.yaml")   # reloading gives an equal config
+
+Errors are :class:`ConfigError` (a ``ValueError``) and always name the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+import re
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "OptimConfig",
+    "ExportConfig",
+    "TrainConfig",
+    "LR_SCHEDULERS",
+    "REPORT_TO",
+    "opt",
+    "section",
+    "load_config",
+    "parse_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "save_config",
+    "config_help",
+]
+
+
+class ConfigError(ValueError):
+    """A config file, dict or override is invalid; the message names the dotted key and the fix."""
+
+
+# --------------------------------------------------------------------------- field helpers
+
+
+def opt(default: Any, help: str) -> Any:
+    """Declare a config field with a default and a one-line help string (shown by :func:`config_help`)."""
+    if isinstance(default, (list, dict, set)):
+        # mutable defaults must be copied per instance
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def section(cls: type, help: str) -> Any:
+    """Declare a nested config section (a dataclass with all-default fields)."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------- sections
+
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+"""Names accepted by ``diffusers.optimization.get_scheduler`` that need no extra arguments."""
+
+REPORT_TO = ("none", "all", "tensorboard", "wandb", "trackio", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab")
+"""Values accepted for ``report_to`` ("none" disables tracking; the rest are accelerate trackers)."""
+
+
+@dataclass
+class ModelConfig:
+    """What to train: a pretrained diffusers folder/hub id, or a model config to build from scratch."""
+
+    pretrained: str = opt("", "diffusers-layout folder or hub id; empty = build from `config`")
+    config: str = opt("tiny", "model config name in configs/models/ or a YAML path (used when pretrained is empty)")
+    revision: Optional[str] = opt(None, "hub revision (branch, tag or commit) of `pretrained`")
+    variant: Optional[str] = opt(None, "weights variant of `pretrained`, e.g. fp16")
+    train_text_encoder: bool = opt(False, "also train the text encoder (otherwise frozen)")
+    gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet (and text encoder)")
+    attention: Literal["sdpa", "xformers"] = opt("sdpa", "attention backend")
+    prediction_type: Optional[Literal["epsilon", "v_prediction", "sample"]] = opt(
+        None, "training target; null = follow the noise scheduler config"
+    )
+
+    def check(self):
+        if self.config.strip() == "" and self.pretrained.strip() == "":
+            yield "config", "is empty and model.pretrained is empty: set one of them (e.g. model.config=tiny)"
+
+
+@dataclass
+class DataConfig:
+    """Where the image/caption pairs come from and how they are augmented."""
+
+    dataset: str = opt("", "hub id, local imagefolder dir, or a local .parquet/.arrow/.csv/.json/.jsonl file")
+    split: str = opt("train", "dataset split to train on")
+    image_column: Optional[str] = opt(None, "image column; null = auto-detect")
+    caption_column: Optional[str] = opt(None, "caption column (string or list of strings); null = auto-detect")
+    resolution: int = opt(512, "square training resolution in pixels (multiple of 8)")
+    center_crop: bool = opt(True, "center crop after resizing; false = random crop")
+    random_flip: bool = opt(False, "random horizontal flip with p=0.5")
+    caption_dropout: float = opt(0.0, "probability of replacing the caption by '' (for classifier-free guidance)")
+    streaming: bool = opt(False, "stream the dataset instead of loading/caching it")
+    max_samples: Optional[int] = opt(None, "use only the first N samples; null = all")
+    num_workers: int = opt(0, "DataLoader worker processes")
+    shuffle: bool = opt(True, "shuffle samples every epoch")
+
+    def check(self):
+        if not self.dataset.strip():
+            yield "dataset", "is empty: set it in the YAML or pass data.dataset=PATH_OR_HUB_ID"
+        if self.resolution < 8 or self.resolution % 8:
+            fix = max(8, round(self.resolution / 8) * 8)
+            yield "resolution", f"must be a positive multiple of 8 (the VAE downsamples by 8), got {self.resolution}; e.g. {fix}"
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            yield "caption_dropout", f"must be in [0, 1], got {self.caption_dropout}"
+        if self.max_samples is not None and self.max_samples < 1:
+            yield "max_samples", f"must be >= 1 or null (all samples), got {self.max_samples}"
+        if self.num_workers < 0:
+            yield "num_workers", f"must be >= 0, got {self.num_workers}"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW optimizer, LR schedule and batch geometry (defaults follow diffusers' train_text_to_image)."""
+
+    learning_rate: float = opt(1e-4, "peak learning rate (per total batch unless scale_lr)")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_weight_decay: float = opt(1e-2, "AdamW decoupled weight decay")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon")
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this value")
+    lr_scheduler: Literal[LR_SCHEDULERS] = opt("constant", "diffusers.optimization.get_scheduler name")
+    lr_warmup_steps: int = opt(0, "linear warmup steps (optimizer steps)")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
+    scale_lr: bool = opt(False, "multiply learning_rate by batch size * accumulation * processes")
+    train_batch_size: int = opt(1, "batch size per process (per GPU)")
+    use_8bit_adam: bool = opt(False, "bitsandbytes 8-bit AdamW (needs bitsandbytes + CUDA)")
+
+    def check(self):
+        if self.learning_rate <= 0:
+            yield "learning_rate", f"must be > 0, got {self.learning_rate}"
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                yield name, f"must be in [0, 1), got {getattr(self, name)}"
+        if self.adam_weight_decay < 0:
+            yield "adam_weight_decay", f"must be >= 0, got {self.adam_weight_decay}"
+        if self.adam_epsilon <= 0:
+            yield "adam_epsilon", f"must be > 0, got {self.adam_epsilon}"
+        if self.max_grad_norm <= 0:
+            yield "max_grad_norm", f"must be > 0, got {self.max_grad_norm}"
+        if self.lr_warmup_steps < 0:
+            yield "lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}"
+        if self.gradient_accumulation_steps < 1:
+            yield "gradient_accumulation_steps", f"must be >= 1, got {self.gradient_accumulation_steps}"
+        if self.train_batch_size < 1:
+            yield "train_batch_size", f"must be >= 1, got {self.train_batch_size}"
+
+
+@dataclass
+class ExportConfig:
+    """Diffusers-layout pipeline export."""
+
+    every_checkpoint: bool = opt(False, "also export a diffusers pipeline next to every checkpoint")
+    dtype: Literal["fp32", "fp16", "bf16"] = opt("fp32", "weight dtype of the final export")
+
+
+@dataclass
+class TrainConfig:
+    """Top-level training config. Add a section with one line: ``name: Cls = section(Cls, "help")``."""
+
+    output_dir: str = opt("outputs/run", "run directory: checkpoints, logs, resolved config, exports")
+    seed: int = opt(0, "global seed (model init, noise, data order and augmentation)")
+    max_steps: int = opt(1000, "total optimizer steps")
+    checkpoint_every: int = opt(500, "save a resumable checkpoint every N optimizer steps")
+    checkpoints_total_limit: int = opt(3, "keep only the last K checkpoints; 0 = keep all")
+    resume: str = opt("none", "'none', 'latest' (newest checkpoint in output_dir) or a checkpoint path")
+    mixed_precision: Literal["no", "fp16", "bf16"] = opt("no", "autocast precision (bf16 on Ampere+)")
+    log_every: int = opt(10, "log loss/lr every N optimizer steps")
+    report_to: str = opt("none", "tracker: " + " | ".join(REPORT_TO))
+
+    model: ModelConfig = section(ModelConfig, "model to train")
+    data: DataConfig = section(DataConfig, "training data")
+    optim: OptimConfig = section(OptimConfig, "optimizer and schedule")
+    export: ExportConfig = section(ExportConfig, "diffusers-layout export")
+
+    def check(self):
+        if self.max_steps < 1:
+            yield "max_steps", f"must be >= 1, got {self.max_steps}"
+        if self.checkpoint_every < 1:
+            yield "checkpoint_every", f"must be >= 1, got {self.checkpoint_every} (set it > max_steps to checkpoint only at the end)"
+        if self.checkpoints_total_limit < 0:
+            yield "checkpoints_total_limit", f"must be >= 0 (0 = keep all), got {self.checkpoints_total_limit}"
+        if self.log_every < 1:
+            yield "log_every", f"must be >= 1, got {self.log_every}"
+        if not self.output_dir.strip():
+            yield "output_dir", "is empty: set a run directory, e.g. output_dir=outputs/my_run"
+        if not self.resume.strip():
+            yield "resume", "is empty: use 'none', 'latest' or a checkpoint directory path"
+        elif self.resume.strip().lower() in ("none", "latest") and self.resume not in ("none", "latest"):
+            yield "resume", f"got {self.resume!r}: write it lowercase ({self.resume.strip().lower()!r})"
+        if self.report_to not in REPORT_TO:
+            yield "report_to", f"must be one of {', '.join(map(repr, REPORT_TO))}, got {self.report_to!r}"
+
+
+# --------------------------------------------------------------------------- YAML flavour
+
+_FLOAT_RE = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-4`` as a float (plain PyYAML needs ``1.0e-4``) and rejects duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}: each key may appear once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper with the same float rule, so a *string* like "1e-4" gets quoted and round-trips."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+
+
+def _yaml_load(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {e}") from None
+
+
+# --------------------------------------------------------------------------- typed conversion
+
+_NoneType = type(None)
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _type_name(tp: Any) -> str:
+    """Readable name of an annotation, for error messages."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return "any"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not _NoneType]
+        body = " | ".join(_type_name(a) for a in inner)
+        return f"{body} or null" if len(inner) < len(args) else body
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join('...' if a is Ellipsis else _type_name(a) for a in args)}]"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__} section)"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _bad(key: str, tp: Any, value: Any, hint: str = "") -> ConfigError:
+    return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` against annotation ``tp``; raise ConfigError naming ``key``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if value is None:  # an empty YAML section (all children commented out)
+            value = {}
+        if not isinstance(value, dict):
+            raise _bad(key, tp, value)
+        return _build(tp, value, key + ".")
+    if origin in (Union, types.UnionType):
+        if value is None and _NoneType in args:
+            return None
+        inner = [a for a in args if a is not _NoneType]
+        if len(inner) == 1:
+            if dataclasses.is_dataclass(inner[0]) or typing.get_origin(inner[0]) in (list, tuple, dict):
+                return _coerce(value, inner[0], key)  # keep the precise nested error
+            try:
+                return _coerce(value, inner[0], key)
+            except ConfigError:
+                raise _bad(key, tp, value) from None
+        for a in inner:
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise _bad(key, tp, value)
+    if origin is Literal:
+        # compare type too: True == 1 and 1 == 1.0 must not sneak through
+        for a in args:
+            if type(value) is type(a) and value == a:
+                return value
+        hint = "; YAML reads bare yes/no/on/off as booleans, quote the value" if isinstance(value, bool) else ""
+        raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}, got {value!r}{hint}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _bad(key, tp, value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _bad(key, tp, value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _bad(key, tp, value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _bad(key, tp, value, f"; quote it in YAML ({key.rsplit('.', 1)[-1]}: \"{value}\")")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _bad(key, tp, value)
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} items ({_type_name(tp)}), got {len(value)}: {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _bad(key, tp, value)
+        kt, vt = args if args else (Any, Any)
+        return {_coerce(k, kt, f"{key}.<key>"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise _bad(key, tp, value)
+    raise TypeError(f"{key}: unsupported annotation {tp!r} in config dataclass")
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from mapping ``raw``; missing keys take their defaults."""
+    fields, hints = _fields(cls), _hints(cls)
+    kwargs = {}
+    for k, v in raw.items():
+        if k not in fields:
+            raise _unknown_key(prefix, str(k), list(fields))
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
+    return cls(**kwargs)
+
+
+def _unknown_key(prefix: str, key: str, allowed: list[str]) -> ConfigError:
+    where = f"in section '{prefix[:-1]}'" if prefix else "at top level"
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown key '{prefix}{key}'{hint} Allowed keys {where}: {', '.join(allowed)}")
+
+
+def _validate(obj: Any, prefix: str = "") -> list[str]:
+    """Run every section's ``check()`` (yielding (field, message)); return 'dotted.key: message' lines."""
+    errors = []
+    check = getattr(obj, "check", None)
+    if callable(check):
+        errors += [f"{prefix}{k}: {msg}" for k, msg in check()]
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            errors += _validate(v, f"{prefix}{f.name}.")
+    return errors
+
+
+# --------------------------------------------------------------------------- overrides
+
+_KEY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def parse_overrides(overrides: typing.Iterable[str]) -> list[tuple[list[str], Any]]:
+    """Parse ``dotted.key=value`` strings; values go through YAML (``3``, ``1e-4``, ``true``, ``[a, b]``, ``null``)."""
+    out = []
+    for item in overrides:
+        key, sep, text = str(item).partition("=")
+        key = key.strip()
+        if not sep or not _KEY_RE.match(key):
+            raise ConfigError(
+                f"malformed override {item!r}: expected dotted.key=value, e.g. optim.learning_rate=1e-4 or data.dataset=data/pets"
+            )
+        out.append((key.split("."), _yaml_load(text, f"override {item!r}")))
+    return out
+
+
+def _check_override_path(cls: type, parts: list[str]) -> None:
+    """Fail early (with a suggestion) on an override whose dotted path is not a declared key."""
+    for i, p in enumerate(parts):
+        fields = _fields(cls)
+        if p not in fields:
+            raise _unknown_key("".join(q + "." for q in parts[:i]), p, list(fields))
+        tp = _hints(cls)[p]
+        if i < len(parts) - 1:
+            if not dataclasses.is_dataclass(tp):
+                raise ConfigError(f"override {'.'.join(parts)}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+            cls = tp
+
+
+def _set_dotted(raw: dict, parts: list[str], value: Any) -> None:
+    node = raw
+    for i, p in enumerate(parts[:-1]):
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = child
+    last = parts[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        for k, v in value.items():  # `model={pretrained: x}` merges into the section
+            _set_dotted(node[last], [k], v)
+    else:
+        node[last] = value
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def config_from_dict(raw: dict, cls: type = TrainConfig, validate: bool = True) -> Any:
+    """Build and (optionally) validate a config dataclass from a plain nested dict."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the config must be a mapping of keys to values, got {type(raw).__name__}")
+    cfg = _build(cls, raw)
+    if validate:
+        errors = _validate(cfg)
+        if errors:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def load_config(
+    path_or_dict: Union[str, os.PathLike, dict, Any, None] = None,
+    overrides: typing.Iterable[str] = (),
+    cls: type = TrainConfig,
+) -> Any:
+    """Load a YAML file (or dict / config instance), apply ``dotted.key=value`` overrides, build and validate.
+
+    Unknown keys, wrong types and invalid values raise :class:`ConfigError` naming the dotted key.
+    """
+    if path_or_dict is None:
+        raw = {}
+    elif dataclasses.is_dataclass(path_or_dict) and not isinstance(path_or_dict, type):
+        raw = config_to_dict(path_or_dict)
+    elif isinstance(path_or_dict, dict):
+        raw = _deepcopy_plain(path_or_dict)
+    else:
+        path = Path(path_or_dict)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (pass a YAML path, e.g. configs/train/tiny.yaml)")
+        raw = _yaml_load(path.read_text(encoding="utf-8"), str(path)) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(raw).__name__}")
+    for parts, value in parse_overrides(overrides):
+        _check_override_path(cls, parts)
+        _set_dotted(raw, parts, value)
+    return config_from_dict(raw, cls)
+
+
+def _deepcopy_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _deepcopy_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_deepcopy_plain(v) for v in x]
+    return x
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists) suitable for YAML/JSON and for ``load_config``."""
+
+    def plain(x):
+        if dataclasses.is_dataclass(x):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(cfg)
+
+
+def dump_config(cfg: Any) -> str:
+    """YAML text of a config (key order = declaration order)."""
+    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def save_config(cfg: Any, path: Union[str, os.PathLike]) -> Path:
+    """Write the resolved config as YAML atomically (temp file + fsync + os.replace); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("# resolved latentsd config; reload with latentsd.config.load_config(this_file)\n")
+            f.write(dump_config(cfg))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def config_help(cls: type = TrainConfig, prefix: str = "") -> str:
+    """One line per key: ``dotted.key: type = default  # help`` (for ``--help`` style listings)."""
+    lines, hints = [], _hints(cls)
+    for name, f in _fields(cls).items():
+        tp, help_ = hints[name], f.metadata.get("help", "")
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{prefix}{name}:  # {help_}")
+            lines.append(config_help(tp, f"{prefix}{name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"{prefix}{name}: {_type_name(tp)} = {default!r}  # {help_}")
+    return "\n".join(lines)
