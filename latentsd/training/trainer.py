@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +97,10 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # A second run in the same process (the demo, tests) may ask for another precision; keep the
     # process group (PartialState), forget the previous run's settings.
     AcceleratorState._reset_state(reset_partial_state=False)
+    # Several processes but no GPU (`accelerate launch --multi_gpu` on a CPU box): gloo CPU ranks.
+    cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return Accelerator(
+        cpu=cpu_ranks,
         mixed_precision=cfg.mixed_precision,
         # sync_with_dataloader=False: accumulation runs across epoch ends, so step k is always
         # micro-batches [k·accum, (k+1)·accum) and a resume knows exactly where it is.
@@ -105,7 +108,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
             num_steps=cfg.optim.gradient_accumulation_steps, sync_with_dataloader=False),
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
+        # each rank reads its own batches (also for streams: batches hold caption strings)
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False, dispatch_batches=False),
     )
 
 
@@ -137,11 +141,7 @@ class Trainer:
     """Fine-tune (or train from scratch) the UNet, optionally the text encoder, of a latent diffusion model."""
 
     def __init__(self, cfg: TrainConfig):
-        from ..data.datasets import CaptionImageDataset, collate, load_caption_dataset
-
-        if cfg.data.streaming:
-            raise ValueError("data.streaming=true is not supported by the trainer yet (exact resume needs a "
-                             "map-style dataset): set data.streaming=false, or max_samples to bound the download")
+        from ..data.datasets import build_train_dataset, collate
 
         self.cfg = cfg
         self.acc = acc = make_accelerator(cfg)
@@ -149,15 +149,16 @@ class Trainer:
         self.parts = parts = load_model(cfg)
         self.trainable = self._set_up_models()
 
-        self.dataset = CaptionImageDataset(load_caption_dataset(cfg.data), cfg.data, seed=cfg.seed)
-        sampler = EpochSampler(len(self.dataset), cfg.seed, cfg.data.shuffle)
+        self.dataset = build_train_dataset(cfg.data, seed=cfg.seed)
+        sized = not cfg.data.streaming  # a stream shuffles itself (buffer) and has no length
+        sampler = EpochSampler(len(self.dataset), cfg.seed, cfg.data.shuffle) if sized else None
         loader = DataLoader(self.dataset, batch_size=cfg.optim.train_batch_size, sampler=sampler,
                             collate_fn=collate, num_workers=cfg.data.num_workers, drop_last=True)
         optimizer, schedule = make_optimizer((p for m in self.trainable for p in m.parameters()), cfg,
                                              acc.num_processes)
         *self.trainable, self.optimizer, self.loader, self.lr_schedule = acc.prepare(
             *self.trainable, optimizer, loader, schedule)
-        if len(self.loader) < 1:
+        if sized and len(self.loader) < 1:
             raise ValueError(f"the dataset has {len(self.dataset)} samples, fewer than one global batch "
                              f"({cfg.optim.train_batch_size} x {acc.num_processes} processes): lower "
                              "optim.train_batch_size or add data")
@@ -211,17 +212,24 @@ class Trainer:
 
     def batches(self):
         """Micro-batches from where the state says we are, epoch after epoch, forever."""
-        per_epoch = len(self.loader)
         micro = self.state.step * self.cfg.optim.gradient_accumulation_steps
-        epoch, skip = divmod(micro, per_epoch)
+        stream = self.cfg.data.streaming
+        epoch, skip = (0, micro) if stream else divmod(micro, len(self.loader))
         while True:
             self.loader.set_epoch(epoch)
             self.dataset.set_epoch(epoch)
-            loader = self.acc.skip_first_batches(self.loader, skip) if skip else self.loader
+            loader = self.acc.skip_first_batches(self.loader, skip) if skip and not stream else self.loader
+            produced = False
             for batch in loader:
+                produced = True
+                if stream and skip:  # a stream cannot seek: replay it and drop what was trained on
+                    skip -= 1
+                    continue
                 yield micro, batch
                 micro += 1
-            epoch, skip = epoch + 1, 0
+            if not produced:
+                raise ValueError("the dataset yielded no full batch: lower optim.train_batch_size or add data")
+            epoch, skip = epoch + 1, skip if stream else 0
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         self.acc.backward(loss)
