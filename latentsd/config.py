@@ -35,6 +35,11 @@ __all__ = [
     "DataConfig",
     "OptimConfig",
     "ExportConfig",
+    "EMAConfig",
+    "LoRAConfig",
+    "LossConfig",
+    "CacheConfig",
+    "ValidationConfig",
     "TrainConfig",
     "LR_SCHEDULERS",
     "REPORT_TO",
@@ -100,6 +105,7 @@ class ModelConfig:
     prediction_type: Optional[Literal["epsilon", "v_prediction", "sample"]] = opt(
         None, "training target; null = follow the noise scheduler config"
     )
+    vae: str = opt("", "diffusers AutoencoderKL folder (or a model folder with vae/) replacing the model's VAE")
 
     def check(self):
         if self.config.strip() == "" and self.pretrained.strip() == "":
@@ -122,6 +128,9 @@ class DataConfig:
     max_samples: Optional[int] = opt(None, "use only the first N samples; null = all")
     num_workers: int = opt(0, "DataLoader worker processes")
     shuffle: bool = opt(True, "shuffle samples every epoch")
+    buckets: bool = opt(False, "aspect-ratio bucketing: batch images of similar aspect at ~resolution² pixels, uncropped")
+    bucket_step: int = opt(64, "bucket sides are multiples of this many pixels")
+    bucket_max_aspect: float = opt(2.0, "widest/tallest bucket aspect ratio")
 
     def check(self):
         if not self.dataset.strip():
@@ -183,6 +192,103 @@ class ExportConfig:
 
 
 @dataclass
+class EMAConfig:
+    """Exponential moving average of the trained weights (used for validation and export when enabled)."""
+
+    enabled: bool = opt(False, "keep an EMA copy of the trained weights")
+    decay: float = opt(0.9999, "EMA decay (the cap when warmup is on)")
+    warmup: bool = opt(True, "decay = min(decay, (1 + n) / (10 + n)) after n updates, so early EMA tracks the model")
+    update_every: int = opt(1, "update the EMA every N optimizer steps")
+    offload_to_cpu: bool = opt(False, "keep the EMA weights in CPU memory (saves GPU memory)")
+
+    def check(self):
+        if not 0.0 <= self.decay < 1.0:
+            yield "decay", f"must be in [0, 1), got {self.decay}"
+        if self.update_every < 1:
+            yield "update_every", f"must be >= 1, got {self.update_every}"
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft) instead of full fine-tuning."""
+
+    enabled: bool = opt(False, "train LoRA adapters; the base weights stay frozen")
+    rank: int = opt(4, "adapter rank r")
+    alpha: Optional[float] = opt(None, "scale numerator (effective scale alpha / rank); null = rank")
+    dropout: float = opt(0.0, "dropout on the adapter input")
+    target_modules: list = opt(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules to adapt (attention projections)")
+    text_encoder: bool = opt(False, "also adapt the text encoder")
+    text_encoder_target_modules: list = opt(["q_proj", "k_proj", "v_proj", "out_proj"], "text encoder modules to adapt")
+
+    def check(self):
+        if self.rank < 1:
+            yield "rank", f"must be >= 1, got {self.rank}"
+        if not 0.0 <= self.dropout < 1.0:
+            yield "dropout", f"must be in [0, 1), got {self.dropout}"
+
+
+@dataclass
+class LossConfig:
+    """Loss weighting, noise tricks and which timesteps are trained."""
+
+    snr_gamma: Optional[float] = opt(None, "min-SNR-gamma weighting (Hang et al. 2023), e.g. 5; null = off")
+    inverse_snr_max: Optional[float] = opt(None, "also weight by clamp(1/SNR, 1, this): more weight at high noise; null = off")
+    noise_offset: float = opt(0.0, "add offset * N(0,1) per channel to the noise (brighter/darker images), e.g. 0.05")
+    input_perturbation: float = opt(0.0, "perturb the noise fed to the model by this * N(0,1) (Ning et al. 2023), e.g. 0.1")
+    timestep_min: int = opt(0, "smallest trained timestep (inclusive)")
+    timestep_max: Optional[int] = opt(None, "largest trained timestep (exclusive); null = num_train_timesteps")
+    high_noise_fraction: float = opt(0.0, "fraction of each batch drawn from [high_noise_start, timestep_max)")
+    high_noise_start: int = opt(600, "start of the high-noise timestep range")
+    zero_terminal_snr: bool = opt(False, "rescale betas to zero terminal SNR (Lin et al. 2023); use with v_prediction")
+
+    def check(self):
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            yield "snr_gamma", f"must be > 0 or null, got {self.snr_gamma}"
+        if self.inverse_snr_max is not None and self.inverse_snr_max < 1:
+            yield "inverse_snr_max", f"must be >= 1 or null, got {self.inverse_snr_max}"
+        if self.timestep_min < 0 or (self.timestep_max is not None and self.timestep_max <= self.timestep_min):
+            yield "timestep_min", f"need 0 <= timestep_min < timestep_max, got {self.timestep_min}, {self.timestep_max}"
+        if not 0.0 <= self.high_noise_fraction <= 1.0:
+            yield "high_noise_fraction", f"must be in [0, 1], got {self.high_noise_fraction}"
+
+
+@dataclass
+class CacheConfig:
+    """Precomputed VAE latents and text-encoder outputs, on disk in shards, keyed by content hashes."""
+
+    latents: bool = opt(False, "cache VAE latents (needs a frozen VAE; flips cached as a second variant)")
+    text: bool = opt(False, "cache text-encoder outputs (needs a frozen text encoder)")
+    dir: str = opt("", "cache folder; empty = <output_dir>/cache (share it between runs to reuse entries)")
+    shard_size: int = opt(1024, "entries per shard file")
+
+    def check(self):
+        if self.shard_size < 1:
+            yield "shard_size", f"must be >= 1, got {self.shard_size}"
+
+
+@dataclass
+class ValidationConfig:
+    """Images for fixed prompts and a deterministic held-out loss, every N steps."""
+
+    every: int = opt(0, "validate every N optimizer steps (and at the end); 0 = off")
+    prompts: list = opt([], "prompts to generate (a grid PNG per validation in <output_dir>/validation)")
+    num_images_per_prompt: int = opt(1, "images per prompt")
+    steps: int = opt(25, "sampling steps (DDIM)")
+    guidance: float = opt(7.5, "classifier-free guidance scale")
+    seed: int = opt(0, "seed of the validation images (fixed across validations)")
+    holdout: int = opt(0, "samples held out of training for the validation loss; 0 = no validation loss")
+    loss_timesteps: list = opt([100, 300, 500, 700, 900], "fixed timesteps of the validation loss")
+
+    def check(self):
+        if self.every < 0:
+            yield "every", f"must be >= 0, got {self.every}"
+        if self.num_images_per_prompt < 1 or self.steps < 1:
+            yield "steps", "num_images_per_prompt and steps must be >= 1"
+        if self.holdout < 0:
+            yield "holdout", f"must be >= 0, got {self.holdout}"
+
+
+@dataclass
 class TrainConfig:
     """Top-level training config. Add a section with one line: ``name: Cls = section(Cls, "help")``."""
 
@@ -200,6 +306,11 @@ class TrainConfig:
     data: DataConfig = section(DataConfig, "training data")
     optim: OptimConfig = section(OptimConfig, "optimizer and schedule")
     export: ExportConfig = section(ExportConfig, "diffusers-layout export")
+    ema: EMAConfig = section(EMAConfig, "EMA of the trained weights")
+    lora: LoRAConfig = section(LoRAConfig, "LoRA adapters (peft)")
+    loss: LossConfig = section(LossConfig, "loss weighting and noise tricks")
+    cache: CacheConfig = section(CacheConfig, "precomputed latents / text embeddings")
+    validation: ValidationConfig = section(ValidationConfig, "validation images and loss")
 
     def check(self):
         if self.max_steps < 1:
