@@ -73,6 +73,8 @@ def build_components(config: str | dict = "tiny", seed: int = 0) -> Components:
     te_cfg.setdefault("bos_token_id", tokenizer.bos_token_id)
     te_cfg.setdefault("eos_token_id", tokenizer.eos_token_id)
     te_cfg.setdefault("pad_token_id", tokenizer.pad_token_id)
+    # A text encoder with fewer positions than the tokenizer's window sets the window (tiny models).
+    tokenizer.model_max_length = min(tokenizer.model_max_length, te_cfg.get("max_position_embeddings", 77))
     torch.manual_seed(seed)  # the classes below draw their init from the global RNG
     text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg))
     vae = AutoencoderKL(**cfg["vae"])
@@ -115,6 +117,14 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
         unet=UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **weights),
         scheduler=load_scheduler(pretrained, **common),
     )
+
+
+def load_vae(path: str, **kwargs):
+    """An ``AutoencoderKL`` from its own folder, or from a model folder's ``vae/``."""
+    from diffusers import AutoencoderKL
+
+    sub = "vae" if (Path(path) / "vae").is_dir() else None
+    return AutoencoderKL.from_pretrained(path, subfolder=sub, **kwargs)
 
 
 def check_model_folder(pretrained: str) -> None:

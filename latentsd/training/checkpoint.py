@@ -13,6 +13,8 @@ import re
 import shutil
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from ..config import save_config
 
 PATTERN = re.compile(r"^step-(\d+)$")
@@ -43,8 +45,12 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, config, keep: int) -> Path:
-    """Every process calls this (accelerate writes per-rank RNG files); only the main one renames/prunes."""
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, config, keep: int,
+                    extra: dict[str, dict] | None = None) -> Path:
+    """Every process calls this (accelerate writes per-rank RNG files); only the main one renames/prunes.
+
+    ``extra`` maps file names to dicts of tensors (e.g. EMA weights) saved as safetensors alongside.
+    """
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
@@ -56,6 +62,9 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, config, keep
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_config(config, tmp / "config.yaml")
+        for name, tensors in (extra or {}).items():
+            if tensors:
+                save_file(tensors, str(tmp / name))
         if final.exists():  # a re-run of the same step after a resume: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)

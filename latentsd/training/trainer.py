@@ -12,9 +12,11 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
@@ -26,27 +28,29 @@ from ..latents import encode, latent_shape
 from ..models import Components, build_components, load_components
 from ..text import PromptEncoder
 from .checkpoint import resolve_resume, save_checkpoint
-from .losses import loss_target, per_sample_mse
+from .ema import make_ema
+from .losses import loss_target, make_noise, perturb_input_noise, sample_timesteps, snr_weights, weighted_mse
 
 logger = logging.getLogger(__name__)
 
 
 class EpochSampler(Sampler):
-    """A permutation per epoch drawn from (seed, epoch): the order does not depend on any RNG state."""
+    """A permutation of ``indices`` per epoch drawn from (seed, epoch): independent of any RNG state."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+    def __init__(self, indices, seed: int, shuffle: bool = True):
+        self.indices, self.seed, self.shuffle, self.epoch = list(indices), seed, shuffle, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         if not self.shuffle:
-            return iter(range(self.n))
-        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist())
+            return iter(self.indices)
+        order = torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        return iter([self.indices[i] for i in order.tolist()])
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.indices)
 
 
 @dataclass
@@ -73,22 +77,36 @@ class GlobalDraw:
         self.gen = torch.Generator(device).manual_seed(seed * 1_000_003 + micro_step + 1)
         self.rank, self.world, self.device = rank, world, device
 
-    def _slice(self, x: torch.Tensor, local: int) -> torch.Tensor:
-        return x[self.rank * local:(self.rank + 1) * local]
+    def _local(self, full: torch.Tensor) -> torch.Tensor:
+        local = full.shape[0] // self.world
+        return full[self.rank * local:(self.rank + 1) * local]
 
     def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
-        full = torch.randn((shape[0] * self.world, *shape[1:]), generator=self.gen, device=self.device)
-        return self._slice(full, shape[0])
+        return self._local(torch.randn((shape[0] * self.world, *shape[1:]), generator=self.gen, device=self.device))
 
-    def randint(self, high: int, n: int) -> torch.Tensor:
-        full = torch.randint(0, high, (n * self.world,), generator=self.gen, device=self.device)
-        return self._slice(full, n)
+    def rand(self, n: int) -> torch.Tensor:
+        return self._local(torch.rand(n * self.world, generator=self.gen, device=self.device))
+
+    def randint(self, low: int, high: int, n: int) -> torch.Tensor:
+        return self._local(torch.randint(low, high, (n * self.world,), generator=self.gen, device=self.device))
 
 
 def load_model(cfg: TrainConfig) -> Components:
-    if cfg.model.pretrained:
-        return load_components(cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant)
-    return build_components(cfg.model.config, seed=cfg.seed)
+    """Components to train, with our DDPM scheduler configured for training (prediction type, zero SNR)."""
+    from ..models import load_vae
+    from ..schedulers import DDPMScheduler
+
+    m = cfg.model
+    parts = load_components(m.pretrained, revision=m.revision, variant=m.variant) if m.pretrained \
+        else build_components(m.config, seed=cfg.seed)
+    if m.vae:
+        parts.vae = load_vae(m.vae)
+    changes = {"prediction_type": m.prediction_type} if m.prediction_type else {}
+    if cfg.loss.zero_terminal_snr:  # sampling must then start at t = T: trailing spacing
+        changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    # whatever sampler a folder ships (SD-1.5: PNDM), training noises with DDPM on the same betas
+    parts.scheduler = DDPMScheduler.from_config(parts.scheduler.config, **changes)
+    return parts
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -141,73 +159,118 @@ class Trainer:
     """Fine-tune (or train from scratch) the UNet, optionally the text encoder, of a latent diffusion model."""
 
     def __init__(self, cfg: TrainConfig):
-        from ..data.datasets import build_train_dataset, collate
-
         self.cfg = cfg
         self.acc = acc = make_accelerator(cfg)
         self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
         self.parts = parts = load_model(cfg)
-        self.trainable = self._set_up_models()
+        self.scheduler = parts.scheduler
+        self.prediction_type = parts.scheduler.config.prediction_type
+        self.text_encoder_trained = cfg.model.train_text_encoder or (cfg.lora.enabled and cfg.lora.text_encoder)
+        modules, params = self._set_up_models()
+        self.ema = make_ema(params, cfg.ema)
 
-        self.dataset = build_train_dataset(cfg.data, seed=cfg.seed)
-        sized = not cfg.data.streaming  # a stream shuffles itself (buffer) and has no length
-        sampler = EpochSampler(len(self.dataset), cfg.seed, cfg.data.shuffle) if sized else None
-        loader = DataLoader(self.dataset, batch_size=cfg.optim.train_batch_size, sampler=sampler,
-                            collate_fn=collate, num_workers=cfg.data.num_workers, drop_last=True)
-        optimizer, schedule = make_optimizer((p for m in self.trainable for p in m.parameters()), cfg,
-                                             acc.num_processes)
-        *self.trainable, self.optimizer, self.loader, self.lr_schedule = acc.prepare(
-            *self.trainable, optimizer, loader, schedule)
-        if sized and len(self.loader) < 1:
-            raise ValueError(f"the dataset has {len(self.dataset)} samples, fewer than one global batch "
-                             f"({cfg.optim.train_batch_size} x {acc.num_processes} processes): lower "
-                             "optim.train_batch_size or add data")
+        self.dataset, loader, self.holdout = self._make_data()
+        optimizer, schedule = make_optimizer(params, cfg, acc.num_processes)
+        *self.trainable, self.optimizer, self.loader, self.lr_schedule = acc.prepare(*modules, optimizer, loader, schedule)
+        self.params = params
         self.state, self.skipped = TrainState(), 0
         acc.register_for_checkpointing(self.state)
-        self.prompts = PromptEncoder(parts.tokenizer, parts.text_encoder, max_chunks=1)
-        self.scheduler = parts.scheduler
+        # a trained text encoder is called through its DDP wrapper, so its gradients are synchronised
+        text_encoder = self.trainable[1] if self.text_encoder_trained else parts.text_encoder
+        self.prompts = PromptEncoder(parts.tokenizer, text_encoder, max_chunks=1)
 
-    def _set_up_models(self) -> list[torch.nn.Module]:
-        """Freeze what is not trained (cast to the compute dtype); keep trained weights in fp32."""
+    def _make_data(self):
+        """The training loader (held-out samples excluded) and the held-out loader for the validation loss."""
+        from ..data.datasets import build_train_dataset, collate
+
+        cfg = self.cfg
+        dataset = build_train_dataset(cfg.data, seed=cfg.seed)
+        if cfg.data.streaming:  # a stream shuffles itself (buffer) and has no length
+            if cfg.validation.holdout:
+                raise ValueError("validation.holdout needs a map-style dataset: set data.streaming=false")
+            return dataset, DataLoader(dataset, batch_size=cfg.optim.train_batch_size, collate_fn=collate,
+                                       num_workers=cfg.data.num_workers, drop_last=True), None
+        n, hold = len(dataset), cfg.validation.holdout
+        if n - hold < cfg.optim.train_batch_size * self.acc.num_processes:
+            raise ValueError(f"the dataset has {n} samples ({hold} held out), fewer than one global batch "
+                             f"({cfg.optim.train_batch_size} x {self.acc.num_processes} processes): lower "
+                             "optim.train_batch_size or validation.holdout, or add data")
+        sampler = EpochSampler(range(hold, n), cfg.seed, cfg.data.shuffle)
+        loader = DataLoader(dataset, batch_size=cfg.optim.train_batch_size, sampler=sampler, collate_fn=collate,
+                            num_workers=cfg.data.num_workers, drop_last=True)
+        return dataset, loader, (self._holdout_batches(hold) if hold else None)
+
+    def _holdout_batches(self, hold: int) -> list[dict]:
+        """Held-out samples without augmentation or caption dropout, this rank's share, loaded once."""
+        import dataclasses
+
+        from ..data.datasets import build_train_dataset, collate
+
+        plain = dataclasses.replace(self.cfg.data, caption_dropout=0.0, random_flip=False, center_crop=True,
+                                    max_samples=hold)
+        dataset = build_train_dataset(plain, seed=self.cfg.seed)
+        mine = range(self.acc.process_index, hold, self.acc.num_processes)
+        size = self.cfg.optim.train_batch_size
+        return [collate([dataset[i] for i in list(mine)[k:k + size]]) for k in range(0, len(mine), size)]
+
+    def _set_up_models(self) -> tuple[list[torch.nn.Module], list[torch.nn.Parameter]]:
+        """Freeze what is not trained (cast to the compute dtype); trained weights stay fp32."""
         p, m, device = self.parts, self.cfg.model, self.acc.device
-        trained = [p.unet] + ([p.text_encoder] if m.train_text_encoder else [])
+        modules = [p.unet] + ([p.text_encoder] if self.text_encoder_trained else [])
+        full = [] if self.cfg.lora.enabled else modules
         for module in (p.vae, p.text_encoder, p.unet):
-            is_trained = module in trained
-            module.requires_grad_(is_trained).train(is_trained)
-            dtype = torch.float32 if is_trained else self.weight_dtype
+            module.requires_grad_(module in full).train(module in modules)
+            dtype = torch.float32 if module in full else self.weight_dtype
             module.to(device) if module.dtype == dtype else module.to(device, dtype=dtype)
+        if self.cfg.lora.enabled:
+            from .lora import add_lora
+
+            params = add_lora(p.unet, p.text_encoder if self.cfg.lora.text_encoder else None, self.cfg.lora)
+        else:
+            params = [q for module in modules for q in module.parameters()]
         if m.gradient_checkpointing:
-            for module in trained:
+            for module in modules:
                 module.gradient_checkpointing_enable() if hasattr(module, "gradient_checkpointing_enable") \
                     else module.enable_gradient_checkpointing()
         if m.attention == "xformers":
             p.unet.enable_xformers_memory_efficient_attention()
-        return trained
+        return modules, params
 
     @property
     def unet(self):
         return self.trainable[0]
 
     def compute_loss(self, batch: dict, micro_step: int) -> torch.Tensor:
-        """One micro-batch: encode, noise, predict, per-sample MSE averaged (what the loop backpropagates)."""
-        acc, p = self.acc, self.parts
+        """One micro-batch: latents, conditioning, noise, prediction, weighted MSE (what the loop backpropagates)."""
+        acc, lc = self.acc, self.cfg.loss
         draw = GlobalDraw(self.cfg.seed, micro_step, acc.process_index, acc.num_processes, acc.device)
-        pixels = batch["pixel_values"].to(acc.device, self.weight_dtype)
-        with torch.no_grad():
-            latents = encode(p.vae, pixels, noise=draw.randn(latent_shape(p.vae, pixels.shape))).float()
-        with torch.set_grad_enabled(self.cfg.model.train_text_encoder):
-            embeds = self.prompts(batch["caption"])
-        noise, timesteps = draw.randn(latents.shape), draw.randint(len(self.scheduler), latents.shape[0])
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        target = loss_target(self.scheduler, latents, noise, timesteps, self.cfg.model.prediction_type)
+        latents = self.latents_of(batch, draw)
+        embeds = self.embeds_of(batch)
+        noise = make_noise(draw, tuple(latents.shape), lc.noise_offset)
+        timesteps = sample_timesteps(draw, latents.shape[0], len(self.scheduler), lc)
+        noisy = self.scheduler.add_noise(latents, perturb_input_noise(draw, noise, lc.input_perturbation), timesteps)
+        target = loss_target(self.scheduler, latents, noise, timesteps, self.prediction_type)
         pred = self.unet(noisy, timesteps, encoder_hidden_states=embeds.to(latents.dtype), return_dict=False)[0]
-        return per_sample_mse(pred, target).mean()
+        weights = snr_weights(self.scheduler.snr(timesteps), self.prediction_type, lc.snr_gamma, lc.inverse_snr_max)
+        return weighted_mse(pred, target, weights)
+
+    def latents_of(self, batch: dict, draw: GlobalDraw) -> torch.Tensor:
+        """Scaled latents: a fresh posterior sample, from pixels (or from cached posterior parameters)."""
+        vae = self.parts.vae
+        pixels = batch["pixel_values"].to(self.acc.device, self.weight_dtype)
+        with torch.no_grad():
+            return encode(vae, pixels, noise=draw.randn(latent_shape(vae, pixels.shape))).float()
+
+    def embeds_of(self, batch: dict) -> torch.Tensor:
+        with torch.set_grad_enabled(self.text_encoder_trained):
+            return self.prompts(batch["caption"])
 
     # ---- the loop ---------------------------------------------------------------------------------
     def resume(self) -> None:
         path = resolve_resume(self.cfg.resume, self.cfg.output_dir)
         if path is not None:
             self.acc.load_state(str(path))
+            self.ema.load(path / "ema.safetensors")
             self.acc.print(f"resumed from {path} at step {self.state.step}")
 
     def batches(self):
@@ -234,13 +297,13 @@ class Trainer:
     def optimizer_step(self, loss: torch.Tensor) -> None:
         self.acc.backward(loss)
         if self.acc.sync_gradients:
-            self.acc.clip_grad_norm_([p for m in self.trainable for p in m.parameters()], self.cfg.optim.max_grad_norm)
+            self.acc.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
         self.optimizer.step()
         self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def run(self) -> dict:
-        """Train to ``max_steps`` (resuming if asked), checkpoint, export; returns a summary."""
+        """Train to ``max_steps`` (resuming if asked), validate, checkpoint, export; returns a summary."""
         cfg, acc, state = self.cfg, self.acc, self.state
         self.resume()
         if acc.is_main_process:
@@ -248,9 +311,9 @@ class Trainer:
             save_config(cfg, Path(cfg.output_dir) / "config.yaml")
         if cfg.report_to != "none":
             acc.init_trackers("latentsd", config=_flat(cfg))
-        log = MetricsLog(Path(cfg.output_dir) / "logs" / "metrics.jsonl", acc.is_main_process)
+        self.log = MetricsLog(Path(cfg.output_dir) / "logs" / "metrics.jsonl", acc.is_main_process)
         bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not acc.is_local_main_process)
-        started, start_step, window = time.perf_counter(), state.step, []
+        self.clock, window = (time.perf_counter(), state.step), []
         for micro, batch in self.batches():
             if state.step >= cfg.max_steps:
                 break
@@ -263,57 +326,113 @@ class Trainer:
                 continue
             state.step += 1
             state.images_seen += cfg.optim.train_batch_size * acc.num_processes * len(window)
-            mean_loss = acc.gather(torch.stack(window).mean()[None]).mean().item()  # once per step, for logs
+            self.ema.maybe_update(state.step)
+            metrics = self.step_metrics(window)
             window = []
-            metrics = {"loss": mean_loss, "lr": self.lr_schedule.get_last_lr()[0],
-                       "images_per_s": (state.step - start_step) * self.global_batch / (time.perf_counter() - started)}
-            log.write(state.step, metrics)
             bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{metrics['images_per_s']:.1f}")
-            if state.step % cfg.log_every == 0 and cfg.report_to != "none":
-                acc.log(metrics, step=state.step)
-            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
-                self.checkpoint()
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{metrics['images_per_s']:.1f}")
+            self.at_step_end(metrics)
         bar.close()
         model_dir = self.export(Path(cfg.output_dir) / "model")
         acc.end_training()
-        return self.summary(started, start_step, model_dir)
+        return self.summary(model_dir)
+
+    def step_metrics(self, window: list[torch.Tensor]) -> dict:
+        """Loss averaged over micro-batches and ranks (one host sync per optimizer step), lr, throughput."""
+        loss = self.acc.gather(torch.stack(window).mean()[None]).mean().item()
+        seconds = time.perf_counter() - self.clock[0]
+        return {"loss": loss, "lr": self.lr_schedule.get_last_lr()[0],
+                "images_per_s": (self.state.step - self.clock[1]) * self.global_batch / max(seconds, 1e-9)}
+
+    def at_step_end(self, metrics: dict) -> None:
+        """Logging, validation and checkpoints, each on its own schedule (and all at the last step)."""
+        cfg, step = self.cfg, self.state.step
+        last = step == cfg.max_steps
+        if cfg.validation.every and (step % cfg.validation.every == 0 or last):
+            metrics.update(self.validate())
+        self.log.write(step, metrics)
+        if cfg.report_to != "none" and (step % cfg.log_every == 0 or last):
+            self.acc.log(metrics, step=step)
+        if step % cfg.checkpoint_every == 0 or last:
+            self.checkpoint()
 
     @property
     def global_batch(self) -> int:
         return self.cfg.optim.train_batch_size * self.acc.num_processes * self.cfg.optim.gradient_accumulation_steps
 
+    def pipeline(self):
+        """The model being trained as a ``LatentDiffusionPipeline`` (unwrapped modules, shared weights)."""
+        from ..pipeline import LatentDiffusionPipeline
+
+        p = self.parts
+        unet = self.acc.unwrap_model(self.unet)
+        text_encoder = self.acc.unwrap_model(self.trainable[1]) if self.text_encoder_trained else p.text_encoder
+        pipe = LatentDiffusionPipeline(vae=p.vae, text_encoder=text_encoder, tokenizer=p.tokenizer, unet=unet,
+                                       scheduler=p.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Grid of validation images (all ranks share the prompts) and the held-out loss, with EMA weights."""
+        from ..schedulers import DDIMScheduler
+        from .validation import save_validation_grid, validation_images, validation_loss
+
+        cfg, out = self.cfg, {}
+        modules = [self.acc.unwrap_model(m) for m in self.trainable]
+        with self.ema.swapped_in(), _eval_mode(modules):
+            if self.holdout:
+                out["val_loss"] = validation_loss(self, self.holdout)
+            if cfg.validation.prompts:
+                pipe = self.pipeline()
+                pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+                images = validation_images(self.acc, pipe, cfg)
+                if self.acc.is_main_process:
+                    grid = save_validation_grid(images, cfg, self.state.step)
+                    for tracker in self.acc.trackers:
+                        if hasattr(tracker, "log_images"):
+                            tracker.log_images({"validation": np.stack(images)}, self.state.step, dataformats="NHWC")
+                    self.acc.print(f"step {self.state.step}: validation grid {grid}")
+        return out
+
     def checkpoint(self) -> None:
         path = save_checkpoint(self.acc, self.cfg.output_dir, self.state.step, self.cfg,
-                               self.cfg.checkpoints_total_limit)
+                               self.cfg.checkpoints_total_limit, extra={"ema.safetensors": self.ema.state_dict()})
         if self.cfg.export.every_checkpoint:
             self.export(path / "model")
 
     def export(self, path: Path) -> Path:
-        """A diffusers-layout pipeline folder (our scheduler config), written by the main process only."""
-        from ..pipeline import LatentDiffusionPipeline
-
+        """A diffusers-layout pipeline folder (our scheduler config; EMA weights when enabled), main process only."""
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.cfg.export.dtype]
-            p = self.parts
-            unet = self.acc.unwrap_model(self.unet)
-            text_encoder = self.acc.unwrap_model(self.trainable[1]) if self.cfg.model.train_text_encoder else p.text_encoder
-            pipe = LatentDiffusionPipeline(vae=p.vae, text_encoder=text_encoder, tokenizer=p.tokenizer, unet=unet,
-                                           scheduler=p.scheduler)
-            _save_atomically(pipe, path, dtype)
+            with self.ema.swapped_in():
+                _save_atomically(self.pipeline(), path, dtype)
         self.acc.wait_for_everyone()
         return path
 
-    def summary(self, started: float, start_step: int, model_dir: Path) -> dict:
-        seconds = time.perf_counter() - started
-        out = {"steps": self.state.step, "steps_this_run": self.state.step - start_step, "seconds": round(seconds, 1),
+    def summary(self, model_dir: Path) -> dict:
+        seconds = time.perf_counter() - self.clock[0]
+        out = {"steps": self.state.step, "steps_this_run": self.state.step - self.clock[1], "seconds": round(seconds, 1),
                "images_seen": self.state.images_seen, "skipped_samples": self.skipped,
                "output_dir": str(self.cfg.output_dir), "model": str(model_dir)}
         self.acc.print(f"trained {out['steps_this_run']} steps (to step {out['steps']}) in {seconds:.1f}s; "
                        f"checkpoints in {self.cfg.output_dir}/checkpoints, model in {model_dir}"
                        + (f"; skipped {out['skipped_samples']} unreadable samples" if out["skipped_samples"] else ""))
         return out
+
+
+@contextmanager
+def _eval_mode(modules):
+    """Eval mode for validation (no dropout), then back to training mode."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
 
 
 class MetricsLog:

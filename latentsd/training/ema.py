@@ -1,0 +1,93 @@
+"""Exponential moving average of trained weights: one small object the loop updates and checkpoints."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+
+class EMA:
+    """EMA of ``params`` (fp32 copies, optionally in CPU memory), with Karras-style warmup of the decay.
+
+    Checkpoints hold it as a flat dict of tensors (``state_dict``), written as safetensors.
+    """
+
+    def __init__(self, params, decay: float = 0.9999, warmup: bool = True, offload_to_cpu: bool = False,
+                 update_every: int = 1):
+        self.params = [p for p in params]
+        device = "cpu" if offload_to_cpu else None
+        self.shadow = [p.detach().to(device=device or p.device, dtype=torch.float32, copy=True) for p in self.params]
+        self.decay, self.warmup, self.update_every, self.updates = decay, warmup, update_every, 0
+
+    def current_decay(self) -> float:
+        """Early on, average over the few updates there are: (1 + n) / (10 + n) caps the decay."""
+        n = self.updates
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = self.current_decay()
+        for ema, p in zip(self.shadow, self.params):
+            ema.lerp_(p.detach().to(ema.device, torch.float32), 1.0 - decay)
+        self.updates += 1
+
+    def maybe_update(self, step: int) -> None:
+        if step % self.update_every == 0:
+            self.update()
+
+    @contextmanager
+    def swapped_in(self):
+        """Temporarily load the EMA weights into the model (validation, export), then restore."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, ema in zip(self.params, self.shadow):
+                p.copy_(ema.to(p.device, p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(self.params, backup):
+                    p.copy_(saved)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"shadow.{i}": t.contiguous() for i, t in enumerate(self.shadow)}
+        return {**state, "updates": torch.tensor(self.updates)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if len(state) - 1 != len(self.shadow):
+            raise ValueError(f"EMA state has {len(state) - 1} tensors, the model {len(self.shadow)}: "
+                             "the checkpoint belongs to a different model or LoRA setting")
+        for i, ema in enumerate(self.shadow):
+            ema.copy_(state[f"shadow.{i}"])
+        self.updates = int(state["updates"])
+
+    def load(self, path) -> None:
+        """Restore from a checkpoint's ``ema.safetensors``."""
+        from safetensors.torch import load_file
+
+        self.load_state_dict(load_file(str(path)))
+
+
+class NoEMA:
+    """Stands in when EMA is off, so the loop calls the same methods either way."""
+
+    def maybe_update(self, step: int) -> None:
+        pass
+
+    @contextmanager
+    def swapped_in(self):
+        yield
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load(self, path) -> None:
+        pass
+
+
+def make_ema(params, ema_cfg) -> EMA | NoEMA:
+    """An :class:`EMA` of ``params`` configured by the ``ema`` config section, or :class:`NoEMA`."""
+    if not ema_cfg.enabled:
+        return NoEMA()
+    return EMA(params, ema_cfg.decay, ema_cfg.warmup, ema_cfg.offload_to_cpu, ema_cfg.update_every)
