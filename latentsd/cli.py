@@ -32,6 +32,29 @@ def _train(args) -> None:
     train(load_config(args.config, args.overrides))
 
 
+def _make_shapes(args) -> None:
+    from .data.shapes import HELD_OUT, all_specs, make_shapes_dataset, write_imagefolder
+
+    specs = all_specs(shapes=args.shapes) if args.shapes else None
+    data = make_shapes_dataset(args.n, seed=args.seed, size=args.size, specs=specs,
+                               exclude=HELD_OUT if args.hold_out else None)
+    out = write_imagefolder(data, args.out)
+    print(f"wrote {len(data)} images with captions to {out} (imagefolder + metadata.jsonl)")
+
+
+def _score_shapes(args) -> None:
+    import json
+
+    from .data.shapes import score_path
+
+    result = score_path(args.path)
+    records = result.pop("records")
+    if args.details:
+        for r in records:
+            print(json.dumps(r))
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="training YAML, e.g. configs/train/tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -62,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train or fine-tune from a YAML config (also: accelerate launch train_scripts/train.py)")
     add_train_args(p)
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("make-shapes", help="write the built-in shapes dataset as an imagefolder")
+    p.add_argument("--out", required=True, help="folder to write (PNGs + metadata.jsonl)")
+    p.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--shapes", nargs="+", default=None, help="shapes to draw (default circle square triangle; "
+                                                              "also: star)")
+    p.add_argument("--hold-out", action="store_true", help="leave out the base model's held-out combinations")
+    p.set_defaults(run=_make_shapes)
+
+    p = sub.add_parser("score-shapes", help="prompt adherence of shapes images: color, shape, position, all")
+    p.add_argument("path", help="a grid PNG with its .json sidecar, or an imagefolder with metadata.jsonl")
+    p.add_argument("--details", action="store_true", help="also print one JSON line per image")
+    p.set_defaults(run=_score_shapes)
 
     p = sub.add_parser("init-model", help="save a randomly initialised model from a model config")
     p.add_argument("--config", default="tiny", help="configs/models/NAME.yaml or a YAML path (default tiny)")

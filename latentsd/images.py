@@ -17,6 +17,8 @@ def make_grid(images: list[PIL.Image.Image], cols: int | None = None) -> PIL.Ima
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     w, h = images[0].size
+    if any(img.size != (w, h) for img in images):
+        raise ValueError("make_grid needs images of one size")
     grid = PIL.Image.new("RGB", (cols * w, rows * h), "white")
     for i, img in enumerate(images):
         grid.paste(img.convert("RGB"), ((i % cols) * w, (i // cols) * h))
@@ -34,7 +36,7 @@ def save_images(images: list[PIL.Image.Image], prompts: list[str], out: str | Pa
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cols = 1 if len(images) == 1 else (cols or math.ceil(math.sqrt(len(images))))
+    cols = cols or math.ceil(math.sqrt(len(images)))
     grid = make_grid(images, cols)
     tmp = out.with_name(f".{out.name}.tmp")
     grid.save(tmp, format=(out.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
@@ -45,16 +47,31 @@ def save_images(images: list[PIL.Image.Image], prompts: list[str], out: str | Pa
     return out
 
 
+GRID_FORMAT = ("a grid X.png with a sidecar X.json {\"prompts\": [...], \"rows\": r, \"cols\": c, "
+               "\"cell\": [h, w]} (what `latentsd generate` writes)")
+
+
+def grid_paths(path: str | Path) -> tuple[Path, Path]:
+    """(png, json) of a grid given either file."""
+    p = Path(path)
+    return (p.with_suffix(".png"), p) if p.suffix.lower() == ".json" else (p, p.with_suffix(".json"))
+
+
 def load_grid(path: str | Path) -> tuple[list[PIL.Image.Image], list[str]]:
     """Split a grid written by :func:`save_images` back into its cells and prompts."""
-    path = Path(path)
-    sidecar = path.with_suffix(".json")
+    png, sidecar = grid_paths(path)
     if not sidecar.is_file():
-        raise ValueError(f"{path} has no sidecar {sidecar.name}: grids written by `latentsd generate` have one; "
-                         "for a folder of images use an imagefolder with metadata.jsonl (file_name, text)")
+        raise ValueError(f"grid {png} has no sidecar {sidecar.name}: expected {GRID_FORMAT}")
     meta = json.loads(sidecar.read_text())
-    grid = PIL.Image.open(path).convert("RGB")
-    h, w = meta["cell"]
-    cells = [grid.crop(((i % meta["cols"]) * w, (i // meta["cols"]) * h, (i % meta["cols"] + 1) * w,
-                        (i // meta["cols"] + 1) * h)) for i in range(len(meta["prompts"]))]
-    return cells, meta["prompts"]
+    try:
+        prompts, rows, cols = list(meta["prompts"]), int(meta["rows"]), int(meta["cols"])
+        h, w = (int(v) for v in meta["cell"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"bad grid sidecar {sidecar}: {err!r}; expected {GRID_FORMAT}") from None
+    grid = PIL.Image.open(png).convert("RGB")
+    if grid.size != (cols * w, rows * h) or len(prompts) > rows * cols:
+        raise ValueError(f"grid {png} is {grid.size[0]}x{grid.size[1]} but its sidecar says "
+                         f"{rows}x{cols} cells of {h}x{w} for {len(prompts)} prompts")
+    cells = [grid.crop(((k % cols) * w, (k // cols) * h, (k % cols + 1) * w, (k // cols + 1) * h))
+             for k in range(len(prompts))]
+    return cells, prompts

@@ -52,3 +52,29 @@ def test_init_model_and_thin_script_entry_point(tmp_path):
                           "--model", str(model), "--steps", "2", "--out", str(out)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert PIL.Image.open(out).size == (64, 64)
+
+
+def test_make_shapes_then_score_shapes(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert main(["make-shapes", "--out", str(out), "--n", "30", "--hold-out", "--seed", "3"]) == 0
+    from latentsd.data.shapes import HELD_OUT
+
+    lines = (out / "metadata.jsonl").read_text().splitlines()
+    assert len(lines) == 30 and not {json.loads(line)["text"] for line in lines} & set(HELD_OUT)
+    capsys.readouterr()
+    assert main(["score-shapes", str(out)]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["n"] == 30 and scores["all"] == 1.0
+
+
+def test_score_shapes_on_a_generated_grid_and_a_bad_path(tiny_model_dir, tmp_path, capsys):
+    grid = tmp_path / "g.png"
+    assert main(["generate", "a red circle on the left", "--model", str(tiny_model_dir), "--steps", "2",
+                 "--num-images", "2", "--out", str(grid)]) == 0
+    capsys.readouterr()
+    assert main(["score-shapes", str(grid)]) == 0
+    scores = json.loads(capsys.readouterr().out.strip())
+    assert scores["n"] == 2 and 0.0 <= scores["all"] <= 1.0  # a random model: any score, but scored
+    (tmp_path / "empty").mkdir()
+    assert main(["score-shapes", str(tmp_path / "empty")]) == 2
+    assert "metadata.jsonl" in capsys.readouterr().err
