@@ -300,7 +300,7 @@ class TrainConfig:
     resume: str = opt("none", "'none', 'latest' (newest checkpoint in output_dir) or a checkpoint path")
     mixed_precision: Literal["no", "fp16", "bf16"] = opt("no", "autocast precision (bf16 on Ampere+)")
     log_every: int = opt(10, "log loss/lr every N optimizer steps")
-    report_to: str = opt("none", "tracker: " + " | ".join(REPORT_TO))
+    report_to: str = opt("none", "tracker: " + ", ".join(REPORT_TO))
 
     model: ModelConfig = section(ModelConfig, "model to train")
     data: DataConfig = section(DataConfig, "training data")
@@ -666,3 +666,17 @@ def config_help(cls: type = TrainConfig, prefix: str = "") -> str:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"{prefix}{name}: {_type_name(tp)} = {default!r}  # {help_}")
     return "\n".join(lines)
+
+
+def config_table(cls: type = TrainConfig, prefix: str = "") -> str:
+    """Markdown rows ``| key | default | meaning |`` for every key (the README's table is made by this)."""
+    rows, hints = [], _hints(cls)
+    for name, f in _fields(cls).items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            rows.append(config_table(tp, f"{prefix}{name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        rows.append(f"| `{prefix}{name}` | `{text}` | {f.metadata.get('help', '')} |")
+    return "\n".join(rows)
