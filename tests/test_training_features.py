@@ -166,3 +166,27 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
         assert abs(one[step]["loss"] - two[step]["loss"]) < 1e-4
     assert (tmp_path / "two/checkpoints/step-0000002/random_states_1.pkl").is_file()  # both ranks checkpointed
     assert (tmp_path / "two/model/model_index.json").is_file()
+
+
+# ---- aspect-ratio buckets ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mixed_aspect_dir(tmp_path_factory):
+    import PIL.Image
+
+    root = tmp_path_factory.mktemp("mixed")
+    lines = []
+    for i, (w, h) in enumerate([(128, 64), (64, 128), (96, 96), (120, 60)] * 4):
+        PIL.Image.new("RGB", (w, h), (40 * i % 255, 90, 200)).save(root / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a picture number {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_bucketed_training_resumes_exactly(tmp_path, mixed_aspect_dir):
+    buckets = ["data.buckets=true", "data.bucket_step=16"]
+    full = tmp_path / "full"
+    train(_cfg(full, mixed_aspect_dir, *buckets))
+    resumed = tmp_path / "resumed"
+    train(_cfg(resumed, mixed_aspect_dir, *buckets, f"resume={full}/checkpoints/step-0000002"))
+    a, b = read_metrics(full), read_metrics(resumed)
+    assert all(a[s]["loss"] == b[s]["loss"] for s in (3, 4))

@@ -410,10 +410,11 @@ class _SampleMaker:
                 self.num_skipped, row, _cell_name(cell), type(err).__name__, err,
             )
 
-    def _make(self, image: PILImage.Image, caption: Any, index: int, num_skipped: int) -> dict:
+    def _make(self, image: PILImage.Image, caption: Any, index: int, num_skipped: int,
+              size: Optional[tuple[int, int]] = None) -> dict:
         g = sample_generator(self.seed, self.epoch, index)
         text = choose_caption(caption, g, self.caption_dropout)  # draws first: fixed order
-        pixels, info = self.transform(image, g)
+        pixels, info = self.transform(image, g, size=size)  # size=None: the square resolution
         return {
             "pixel_values": pixels,
             "caption": text,
@@ -432,6 +433,10 @@ class CaptionImageDataset(_SampleMaker, torch.utils.data.Dataset):
     ``(seed, epoch, i)`` only; call :meth:`set_epoch` each epoch. An unreadable image is skipped: the next
     readable row is used instead (keeping batch size fixed), counted in ``num_skipped`` (per sample, so it
     survives worker processes; sum it from batches) and in ``self.num_skipped`` / ``self.skipped_indices``.
+
+    Aspect-ratio buckets: after :meth:`set_bucket_sizes` (done by
+    :func:`latentsd.data.buckets.make_bucket_sampler`) ``ds[i]["pixel_values"]`` is ``[3, h_i, w_i]``, the
+    image covering its bucket's ``(h_i, w_i)`` and cropped to it, instead of the ``R x R`` square.
     """
 
     max_tries = 100
@@ -442,9 +447,33 @@ class CaptionImageDataset(_SampleMaker, torch.utils.data.Dataset):
         self.ds = self._setup(hf_dataset, data_cfg, seed, warn_every)
         if len(self.ds) == 0:
             raise ValueError(f"dataset {data_cfg.dataset!r} (split {data_cfg.split!r}) has no rows")
+        self.target_sizes: Optional[np.ndarray] = None  # int32 [n, 2] (h, w) per index; 0 = the square default
 
     def __len__(self) -> int:
         return len(self.ds)
+
+    def set_bucket_sizes(self, sizes: Optional[Sequence[Optional[tuple[int, int]]]]) -> None:
+        """Per-index output size ``(h, w)`` (``None`` entries, or ``sizes=None`` for all: the square resolution)."""
+        if sizes is None:
+            self.target_sizes = None
+            return
+        if len(sizes) != len(self):
+            raise ValueError(f"set_bucket_sizes: got {len(sizes)} sizes for {len(self)} samples")
+        table = np.zeros((len(sizes), 2), dtype=np.int32)  # compact: copied into every worker process
+        for i, hw in enumerate(sizes):
+            if hw is not None:
+                h, w = int(hw[0]), int(hw[1])
+                if h < 1 or w < 1:
+                    raise ValueError(f"set_bucket_sizes: size {hw!r} at index {i} is not a positive (height, width)")
+                table[i] = (h, w)
+        self.target_sizes = table
+
+    def target_size(self, index: int) -> Optional[tuple[int, int]]:
+        """The ``(h, w)`` sample ``index`` is resized/cropped to, or ``None`` for the square resolution."""
+        if self.target_sizes is None:
+            return None
+        h, w = self.target_sizes[index].tolist()
+        return (h, w) if h > 0 else None
 
     def __getitem__(self, index: int) -> dict:
         n = len(self.ds)
@@ -461,7 +490,7 @@ class CaptionImageDataset(_SampleMaker, torch.utils.data.Dataset):
                 self._record_skip(row, cell, err)
                 continue
             # randomness keyed by the requested index, so a replacement row does not copy row+1's crop
-            return self._make(image, record[self.caption_column], index, attempt)
+            return self._make(image, record[self.caption_column], index, attempt, self.target_size(index))
         raise RuntimeError(
             f"{min(n, self.max_tries)} consecutive unreadable images starting at row {index}: "
             "check the dataset (see the warnings above)"

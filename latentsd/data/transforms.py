@@ -2,6 +2,8 @@
 
 Pipeline: any PIL mode -> RGB -> resize shortest side to ``resolution`` -> square
 crop (center or random) -> optional horizontal flip -> float CHW tensor in [-1, 1].
+With a per-call target ``size=(h, w)`` (aspect-ratio buckets, see :mod:`latentsd.data.buckets`)
+the image is instead resized to just cover ``h x w`` and cropped to exactly that.
 
 All randomness comes from an explicit ``torch.Generator`` so that a sample's
 augmentation is a pure function of its generator seed (exact resume).  Every
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-__all__ = ["TransformInfo", "to_rgb", "resize_shortest_side", "crop_box", "pil_to_tensor", "ImageTransform"]
+__all__ = ["TransformInfo", "to_rgb", "resize_shortest_side", "resize_to_cover", "crop_box", "pil_to_tensor", "ImageTransform"]
 
 
 class TransformInfo(TypedDict):
@@ -61,12 +63,28 @@ def resize_shortest_side(img: Image.Image, size: int) -> Image.Image:
     return img.resize((new_w, new_h), resample=resample)
 
 
-def crop_box(height: int, width: int, size: int, center: bool, u_top: float, u_left: float) -> tuple[int, int]:
-    """(top, left) of a ``size`` square crop; ``u_*`` in [0, 1) pick the random offset when not ``center``."""
+def resize_to_cover(img: Image.Image, height: int, width: int) -> Image.Image:
+    """Resize (aspect kept) by ``max(height / H, width / W)``: the smallest image covering ``height x width``.
+
+    For ``height == width == size`` this is exactly :func:`resize_shortest_side`.
+    """
+    w, h = img.size
+    scale = max(height / h, width / w)
+    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+    if (new_w, new_h) == (w, h):
+        return img
+    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
+    return img.resize((new_w, new_h), resample=resample)
+
+
+def crop_box(height: int, width: int, size, center: bool, u_top: float, u_left: float) -> tuple[int, int]:
+    """(top, left) of a crop of ``size`` (an int for a square, or ``(crop_h, crop_w)``) from a ``height x width``
+    image; ``u_*`` in [0, 1) pick the random offset when not ``center``."""
+    crop_h, crop_w = (size, size) if isinstance(size, int) else size
     if center:
-        return (height - size) // 2, (width - size) // 2
-    top = min(int(u_top * (height - size + 1)), height - size)
-    left = min(int(u_left * (width - size + 1)), width - size)
+        return (height - crop_h) // 2, (width - crop_w) // 2
+    top = min(int(u_top * (height - crop_h + 1)), height - crop_h)
+    left = min(int(u_left * (width - crop_w + 1)), width - crop_w)
     return top, left
 
 
@@ -78,7 +96,12 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 class ImageTransform:
-    """Callable ``(PIL image, generator) -> (FloatTensor[3, res, res] in [-1, 1], TransformInfo)``."""
+    """Callable ``(PIL image, generator, size=None) -> (FloatTensor[3, H, W] in [-1, 1], TransformInfo)``.
+
+    ``size=None``: ``H = W = resolution`` (resize the short side, square crop). ``size=(h, w)``: resize so the
+    image just covers ``h x w`` (``scale = max(h / H0, w / W0)``), then crop (center or random) to ``h x w``.
+    Either way the same 3 random numbers are drawn, so the caller's generator stream does not depend on ``size``.
+    """
 
     #: random numbers drawn per call (crop top, crop left, flip), always, for a stable stream
     N_DRAWS = 3
@@ -95,19 +118,25 @@ class ImageTransform:
         """Build from a :class:`latentsd.config.DataConfig`."""
         return cls(data_cfg.resolution, data_cfg.center_crop, data_cfg.random_flip)
 
-    def __call__(self, img: Image.Image, generator: Optional[torch.Generator] = None):
+    def __call__(self, img: Image.Image, generator: Optional[torch.Generator] = None,
+                 size: Optional[tuple[int, int]] = None):
         u = torch.rand(self.N_DRAWS, generator=generator, dtype=torch.float64).tolist()
+        if size is None:
+            crop_h = crop_w = self.resolution
+        else:
+            crop_h, crop_w = int(size[0]), int(size[1])
+            if crop_h < 1 or crop_w < 1:
+                raise ValueError(f"size must be (height, width) >= 1, got {size}")
         img = to_rgb(img)
         original_size = (img.height, img.width)
-        img = resize_shortest_side(img, self.resolution)
-        res = self.resolution
+        img = resize_to_cover(img, crop_h, crop_w)  # == resize_shortest_side for the square
         resized_w = img.width
-        top, left = crop_box(img.height, img.width, res, self.center_crop, u[0], u[1])
-        pixels = pil_to_tensor(img.crop((left, top, left + res, top + res)))
+        top, left = crop_box(img.height, img.width, (crop_h, crop_w), self.center_crop, u[0], u[1])
+        pixels = pil_to_tensor(img.crop((left, top, left + crop_w, top + crop_h)))
         flipped = self.random_flip and u[2] < 0.5
         if flipped:
             pixels = torch.flip(pixels, dims=[2])
-            left = resized_w - left - res  # the crop's left edge in the mirrored image
+            left = resized_w - left - crop_w  # the crop's left edge in the mirrored image
         info: TransformInfo = {"original_size": original_size, "crop_top_left": (top, left), "flipped": flipped}
         return pixels, info
 

@@ -186,8 +186,9 @@ class Trainer:
         cfg = self.cfg
         dataset = build_train_dataset(cfg.data, seed=cfg.seed)
         if cfg.data.streaming:  # a stream shuffles itself (buffer) and has no length
-            if cfg.validation.holdout:
-                raise ValueError("validation.holdout needs a map-style dataset: set data.streaming=false")
+            if cfg.validation.holdout or cfg.data.buckets:
+                raise ValueError("validation.holdout and data.buckets need a map-style dataset: "
+                                 "set data.streaming=false")
             return dataset, DataLoader(dataset, batch_size=cfg.optim.train_batch_size, collate_fn=collate,
                                        num_workers=cfg.data.num_workers, drop_last=True), None
         n, hold = len(dataset), cfg.validation.holdout
@@ -195,10 +196,26 @@ class Trainer:
             raise ValueError(f"the dataset has {n} samples ({hold} held out), fewer than one global batch "
                              f"({cfg.optim.train_batch_size} x {self.acc.num_processes} processes): lower "
                              "optim.train_batch_size or validation.holdout, or add data")
-        sampler = EpochSampler(range(hold, n), cfg.seed, cfg.data.shuffle)
-        loader = DataLoader(dataset, batch_size=cfg.optim.train_batch_size, sampler=sampler, collate_fn=collate,
-                            num_workers=cfg.data.num_workers, drop_last=True)
+        loader_args = dict(collate_fn=collate, num_workers=cfg.data.num_workers)
+        if cfg.data.buckets:  # batches of one aspect bucket each, images resized to cover it, not square-cropped
+            loader = DataLoader(dataset, batch_sampler=self._bucket_sampler(dataset, range(hold, n)), **loader_args)
+        else:
+            sampler = EpochSampler(range(hold, n), cfg.seed, cfg.data.shuffle)
+            loader = DataLoader(dataset, batch_size=cfg.optim.train_batch_size, sampler=sampler, drop_last=True,
+                                **loader_args)
         return dataset, loader, (self._holdout_batches(hold) if hold else None)
+
+    def _bucket_sampler(self, dataset, indices):
+        from ..data.buckets import make_bucket_sampler
+
+        cfg = self.cfg
+        sampler = make_bucket_sampler(dataset, cfg.data, cfg.optim.train_batch_size, cfg.seed, indices=indices,
+                                      progress=None if self.acc.is_local_main_process else False)
+        if len(sampler) < self.acc.num_processes:
+            raise ValueError("no aspect bucket holds a full global batch: lower optim.train_batch_size, raise "
+                             "data.bucket_step, or add data")
+        self.acc.print(f"aspect buckets (h x w: images): {sampler.histogram}")
+        return sampler
 
     def _holdout_batches(self, hold: int) -> list[dict]:
         """Held-out samples without augmentation or caption dropout, this rank's share, loaded once."""
