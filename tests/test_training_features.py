@@ -190,3 +190,17 @@ def test_bucketed_training_resumes_exactly(tmp_path, mixed_aspect_dir):
     train(_cfg(resumed, mixed_aspect_dir, *buckets, f"resume={full}/checkpoints/step-0000002"))
     a, b = read_metrics(full), read_metrics(resumed)
     assert all(a[s]["loss"] == b[s]["loss"] for s in (3, 4))
+
+
+# ---- caches --------------------------------------------------------------------------------------
+def test_training_from_the_cache_gives_the_same_losses(tmp_path, shapes_dir):
+    common = ["data.random_flip=true", "data.caption_dropout=0.3", "max_steps=3"]
+    plain = tmp_path / "plain"
+    train(_cfg(plain, shapes_dir, *common))
+    cached = tmp_path / "cached"
+    train(_cfg(cached, shapes_dir, *common, "cache.latents=true", "cache.text=true", "cache.shard_size=8"))
+    a, b = read_metrics(plain), read_metrics(cached)
+    for step in a:
+        assert abs(a[step]["loss"] - b[step]["loss"]) < 1e-5
+    shards = sorted((cached / "cache").rglob("*.safetensors"))
+    assert shards and len(shards) < 16 + 8  # sharded, not a file per image

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig, save_config
+from ..data.cache import latents_from_params
 from ..latents import encode, latent_shape
 from ..models import Components, build_components, load_components
 from ..text import PromptEncoder
@@ -197,6 +198,7 @@ class Trainer:
                              f"({cfg.optim.train_batch_size} x {self.acc.num_processes} processes): lower "
                              "optim.train_batch_size or validation.holdout, or add data")
         loader_args = dict(collate_fn=collate, num_workers=cfg.data.num_workers)
+        dataset = self._maybe_cached(dataset, loader_args)
         if cfg.data.buckets:  # batches of one aspect bucket each, images resized to cover it, not square-cropped
             loader = DataLoader(dataset, batch_sampler=self._bucket_sampler(dataset, range(hold, n)), **loader_args)
         else:
@@ -204,6 +206,20 @@ class Trainer:
             loader = DataLoader(dataset, batch_size=cfg.optim.train_batch_size, sampler=sampler, drop_last=True,
                                 **loader_args)
         return dataset, loader, (self._holdout_batches(hold) if hold else None)
+
+    def _maybe_cached(self, dataset, loader_args: dict):
+        """Serve precomputed VAE posteriors / text embeddings when the cache config asks (all ranks share the work)."""
+        from ..data.cache import build_cached_dataset, cache_modes, collate_cached, resolve_cache_dir
+
+        latents, text = cache_modes(self.cfg)
+        if not (latents or text):
+            return dataset
+        p = self.parts
+        loader_args["collate_fn"] = collate_cached
+        return build_cached_dataset(
+            dataset, resolve_cache_dir(self.cfg), vae=p.vae if latents else None,
+            tokenizer=p.tokenizer if text else None, text_encoder=p.text_encoder if text else None,
+            shard_size=self.cfg.cache.shard_size, batch_size=self.cfg.optim.train_batch_size, accelerator=self.acc)
 
     def _bucket_sampler(self, dataset, indices):
         from ..data.buckets import make_bucket_sampler
@@ -274,11 +290,17 @@ class Trainer:
     def latents_of(self, batch: dict, draw: GlobalDraw) -> torch.Tensor:
         """Scaled latents: a fresh posterior sample, from pixels (or from cached posterior parameters)."""
         vae = self.parts.vae
+        if "latent_params" in batch:  # cached posterior: same sample as encoding, for the same noise
+            params = batch["latent_params"].to(self.acc.device, self.weight_dtype)
+            b, c2, h, w = params.shape
+            return latents_from_params(vae, params, draw.randn((b, c2 // 2, h, w))).float()
         pixels = batch["pixel_values"].to(self.acc.device, self.weight_dtype)
         with torch.no_grad():
             return encode(vae, pixels, noise=draw.randn(latent_shape(vae, pixels.shape))).float()
 
     def embeds_of(self, batch: dict) -> torch.Tensor:
+        if "prompt_embeds" in batch:  # cached (frozen text encoder)
+            return batch["prompt_embeds"].to(self.acc.device)
         with torch.set_grad_enabled(self.text_encoder_trained):
             return self.prompts(batch["caption"])
 
