@@ -344,14 +344,6 @@ def latents_from_params(vae: Any, params: torch.Tensor, noise: Optional[torch.Te
     return sample_from_params(params, noise, scale, shift)
 
 
-def _flip_decision(transform: ImageTransform, generator: torch.Generator) -> bool:
-    # Mirrors ImageTransform.__call__, which draws N_DRAWS (= 3) float64 uniforms up front, in the order
-    # (crop top, crop left, flip), and flips when random_flip and u[2] < 0.5. Keep in sync with
-    # transforms.py (tests/test_cache.py checks it against CaptionImageDataset sample by sample).
-    u = torch.rand(transform.N_DRAWS, generator=generator, dtype=torch.float64).tolist()
-    return bool(transform.random_flip and u[2] < 0.5)
-
-
 # =========================================================================== storage
 
 
@@ -977,7 +969,7 @@ class CachedCaptionDataset(torch.utils.data.Dataset):
                 return None
             g = sample_generator(self.seed, self.epoch, index)
             caption = choose_caption(self.captions[row], g, self.caption_dropout)  # draws first: fixed order
-            flip = _flip_decision(self.transform, g)
+            flip = self.transform.draw(g)[2]  # the same draw CaptionImageDataset's transform makes
             out = {"latent_params": self.latents.get(keys[1] if flip else keys[0]), "caption": caption}
         if self.text is not None:
             out["prompt_embeds"] = self.text.get(text_key(self.text_context, out["caption"]))

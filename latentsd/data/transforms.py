@@ -118,9 +118,14 @@ class ImageTransform:
         """Build from a :class:`latentsd.config.DataConfig`."""
         return cls(data_cfg.resolution, data_cfg.center_crop, data_cfg.random_flip)
 
+    def draw(self, generator: Optional[torch.Generator] = None) -> tuple[float, float, bool]:
+        """The random choices of one call: (crop top, crop left) uniforms and whether to flip."""
+        u = torch.rand(self.N_DRAWS, generator=generator, dtype=torch.float64).tolist()
+        return u[0], u[1], bool(self.random_flip and u[2] < 0.5)
+
     def __call__(self, img: Image.Image, generator: Optional[torch.Generator] = None,
                  size: Optional[tuple[int, int]] = None):
-        u = torch.rand(self.N_DRAWS, generator=generator, dtype=torch.float64).tolist()
+        u_top, u_left, flipped = self.draw(generator)
         if size is None:
             crop_h = crop_w = self.resolution
         else:
@@ -131,9 +136,8 @@ class ImageTransform:
         original_size = (img.height, img.width)
         img = resize_to_cover(img, crop_h, crop_w)  # == resize_shortest_side for the square
         resized_w = img.width
-        top, left = crop_box(img.height, img.width, (crop_h, crop_w), self.center_crop, u[0], u[1])
+        top, left = crop_box(img.height, img.width, (crop_h, crop_w), self.center_crop, u_top, u_left)
         pixels = pil_to_tensor(img.crop((left, top, left + crop_w, top + crop_h)))
-        flipped = self.random_flip and u[2] < 0.5
         if flipped:
             pixels = torch.flip(pixels, dims=[2])
             left = resized_w - left - crop_w  # the crop's left edge in the mirrored image
