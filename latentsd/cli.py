@@ -32,6 +32,22 @@ def _train(args) -> None:
     train(load_config(args.config, args.overrides))
 
 
+def _train_vae(args) -> None:
+    from .training.vae import load_vae_config, train_vae
+
+    train_vae(load_vae_config(args.config, args.overrides))
+
+
+def _demo(args) -> None:
+    from .demo import run_demo
+
+    report = run_demo(args.out, steps=args.steps, seed=args.seed)
+    print(f"\ndemo finished in {report['wall_seconds']} s; everything is in {args.out}:")
+    print(f"  report   {args.out}/report.md (adherence before/after, old and new prompts)")
+    print(f"  grids    {args.out}/before.png  {args.out}/after.png")
+    print(f"  model    {report['model']}  (latentsd generate \"a red star on the left\" --model {report['model']})")
+
+
 def _make_shapes(args) -> None:
     from .data.shapes import HELD_OUT, all_specs, make_shapes_dataset, write_imagefolder
 
@@ -85,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train or fine-tune from a YAML config (also: accelerate launch train_scripts/train.py)")
     add_train_args(p)
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("train-vae", help="train a VAE from scratch (for the shapes base model; no pretrained VAE here)")
+    add_train_args(p)
+    p.set_defaults(run=_train_vae)
+
+    p = sub.add_parser("demo", help="offline, minutes on CPU: teach the shipped base model a new shape, score before/after")
+    p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: configs/train/demo_star.yaml)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_demo)
 
     p = sub.add_parser("make-shapes", help="write the built-in shapes dataset as an imagefolder")
     p.add_argument("--out", required=True, help="folder to write (PNGs + metadata.jsonl)")
