@@ -204,3 +204,44 @@ def test_training_from_the_cache_gives_the_same_losses(tmp_path, shapes_dir):
         assert abs(a[step]["loss"] - b[step]["loss"]) < 1e-5
     shards = sorted((cached / "cache").rglob("*.safetensors"))
     assert shards and len(shards) < 16 + 8  # sharded, not a file per image
+
+
+# ---- LoRA ----------------------------------------------------------------------------------------
+def test_lora_finetune_exports_load_in_diffusers_and_match_the_trained_model(tmp_path, shapes_dir, tiny_model_dir):
+    import diffusers
+
+    from latentsd import LatentDiffusionPipeline
+
+    out = tmp_path / "lora"
+    trainer = Trainer(_cfg(out, shapes_dir, f"model.pretrained={tiny_model_dir}", "lora.enabled=true",
+                           "lora.rank=4", "lora.alpha=8", "lora.text_encoder=true", "optim.learning_rate=1e-2",
+                           "max_steps=3"))
+    trainer.run()
+    assert all(p.dtype == torch.float32 for p in trainer.params)
+    assert all(not p.requires_grad for n, p in trainer.parts.vae.named_parameters())
+
+    def images(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a red circle", num_inference_steps=3, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    trained = images(trainer.pipeline())
+    base = images(LatentDiffusionPipeline.from_pretrained(tiny_model_dir))
+    assert np.abs(trained - base).max() > 1e-3  # the adapters really change generation
+    for lora in (out / "lora", out / "lora/lora_kohya.safetensors"):
+        for cls in (LatentDiffusionPipeline, diffusers.StableDiffusionPipeline):
+            pipe = cls.from_pretrained(tiny_model_dir)
+            pipe.load_lora_weights(str(lora.parent if lora.is_file() else lora),
+                                   weight_name=lora.name if lora.is_file() else None)
+            np.testing.assert_allclose(images(pipe), trained, atol=1e-4)
+    merged = images(LatentDiffusionPipeline.from_pretrained(out / "model"))  # the full model, LoRA merged in
+    np.testing.assert_allclose(merged, trained, atol=1e-4)
+
+
+def test_lora_under_fp16_keeps_trainable_weights_fp32(tmp_path, shapes_dir):
+    trainer = Trainer(_cfg(tmp_path / "fp16", shapes_dir, "lora.enabled=true", "mixed_precision=fp16",
+                           "max_steps=2", "checkpoint_every=10"))
+    trainer.run()
+    assert trainer.parts.unet.dtype == torch.float16  # frozen base in fp16
+    assert trainer.params and all(p.dtype == torch.float32 for p in trainer.params)
+    assert all(np.isfinite(m["loss"]) for m in read_metrics(tmp_path / "fp16").values())

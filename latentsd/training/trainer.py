@@ -283,7 +283,9 @@ class Trainer:
         timesteps = sample_timesteps(draw, latents.shape[0], len(self.scheduler), lc)
         noisy = self.scheduler.add_noise(latents, perturb_input_noise(draw, noise, lc.input_perturbation), timesteps)
         target = loss_target(self.scheduler, latents, noise, timesteps, self.prediction_type)
-        pred = self.unet(noisy, timesteps, encoder_hidden_states=embeds.to(latents.dtype), return_dict=False)[0]
+        # inputs in the UNet's own dtype (fp16/bf16 base weights under LoRA; autocast covers the rest)
+        dtype = self.parts.unet.dtype
+        pred = self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=embeds.to(dtype), return_dict=False)[0]
         weights = snr_weights(self.scheduler.snr(timesteps), self.prediction_type, lc.snr_gamma, lc.inverse_snr_max)
         return weighted_mse(pred, target, weights)
 
@@ -446,9 +448,22 @@ class Trainer:
         if self.acc.is_main_process:
             dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.cfg.export.dtype]
             with self.ema.swapped_in():
-                _save_atomically(self.pipeline(), path, dtype)
+                pipe = self.pipeline()
+                if self.cfg.lora.enabled:
+                    self._export_lora(pipe, path)
+                _save_atomically(pipe, path, dtype)
         self.acc.wait_for_everyone()
         return path
+
+    def _export_lora(self, pipe, path: Path) -> None:
+        """Adapters in both formats (``lora/``) and, in ``pipe``, merged copies for the full model folder."""
+        from .lora import LORA_DIR_NAME, export_lora, merged_copy
+
+        text_encoder = pipe.text_encoder if self.cfg.lora.text_encoder else None
+        export_lora(path.parent / LORA_DIR_NAME, pipe.unet, text_encoder)
+        pipe.unet = merged_copy(pipe.unet)
+        if text_encoder is not None:
+            pipe.text_encoder = merged_copy(text_encoder)
 
     def summary(self, model_dir: Path) -> dict:
         seconds = time.perf_counter() - self.clock[0]
