@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test
+.PHONY: install test demo base-model
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -18,3 +18,13 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m latentsd.cli demo --out outputs/demo
+
+# Rebuild the shipped base model from scratch (CPU: ~30 min; the recipe is in configs/train/shapes_*.yaml).
+base-model: install
+	$(PY) -m latentsd.cli make-shapes --out data/shapes_train --n 16000 --hold-out
+	$(PY) -m latentsd.cli train-vae --config configs/train/shapes_vae.yaml
+	OMP_NUM_THREADS=1 $(PY) -m latentsd.cli train --config configs/train/shapes_base.yaml
+	rm -rf latentsd/assets/shapes_base && cp -r outputs/shapes_base/model latentsd/assets/shapes_base
