@@ -38,15 +38,6 @@ SHARD = 5
 RES = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny convs on 2 shared cores: one thread is ~50x faster than two fighting other processes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     return write_imagefolder(make_shapes_dataset(N, seed=0), tmp_path_factory.mktemp("shapes"))

@@ -41,15 +41,6 @@ def _randomize_lora_b(*models, seed=1, std=0.1):
                 p.data.normal_(0, std)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only fight the other test processes for the 2 cores (10x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base():
     """Our own tiny components (the session `tiny` fixture must not be mutated): copy before changing."""

@@ -75,7 +75,9 @@ def test_resume_latest_after_sigkill_matches_an_uninterrupted_run(tmp_path, shap
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "latentsd.cli", "train", "--config", str(ROOT / "configs/train/tiny.yaml"),
             *[a for a in _overrides(out, shapes_dir)], "max_steps=6"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # same thread count as this process (conftest): float reductions then run in the same order
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
     while not (out / "checkpoints/step-0000002").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
