@@ -54,14 +54,15 @@ def generate_and_score(model_dir: Path, groups: dict[str, list[str]], out_png: P
     return scores
 
 
-def run_demo(out_dir: str | Path, steps: int | None = None, seed: int = 0, base_model: str | Path = BASE_MODEL,
-             n_new: int = 600, n_old: int = 600, sample_steps: int = 25, guidance: float = 2.0) -> dict:
+def run_demo(out_dir: str | Path, steps: int | None = None, seed: int = 0, base_model: str | Path | None = None,
+             n_new: int = 600, n_old: int = 600, sample_steps: int = 25, guidance: float = 2.0,
+             overrides: list[str] = ()) -> dict:
     """Fine-tune ``base_model`` on a new shape and write grids, the fine-tuned model and a report to ``out_dir``."""
     from .config import load_config
     from .training.trainer import train
 
     out, started = Path(out_dir), time.perf_counter()
-    base_model = Path(base_model)
+    base_model = Path(base_model or BASE_MODEL)
     if not (base_model / "model_index.json").is_file():
         raise FileNotFoundError(f"no base model at {base_model}: build it with `make base-model` (see README)")
     groups = {"old": prompts_for(["circle", "square", "triangle"])[::3], "new": prompts_for([NEW_SHAPE])}
@@ -71,7 +72,7 @@ def run_demo(out_dir: str | Path, steps: int | None = None, seed: int = 0, base_
     before = generate_and_score(base_model, groups, out / "before.png", sample_steps, guidance, seed)
     print("3/4 fine-tuning (the normal trainer; configs/train/demo_star.yaml)")
     overrides = [f"output_dir={out / 'finetune'}", f"model.pretrained={base_model}", f"data.dataset={data}",
-                 f"seed={seed}", "resume=none"] + ([f"max_steps={steps}"] if steps else [])
+                 f"seed={seed}", "resume=none"] + ([f"max_steps={steps}"] if steps else []) + list(overrides)
     summary = train(load_config(CONFIG_DIR / "train" / "demo_star.yaml", overrides))
     print("4/4 generating with the fine-tuned model")
     after = generate_and_score(Path(summary["model"]), groups, out / "after.png", sample_steps, guidance, seed)
