@@ -40,8 +40,8 @@ def save_validation_grid(images: list[np.ndarray], cfg, step: int) -> Path:
     v = cfg.validation
     prompts = [p for p in v.prompts for _ in range(v.num_images_per_prompt)]
     path = Path(cfg.output_dir) / "validation" / f"step-{step:07d}.png"
-    return save_images([PIL.Image.fromarray(a) for a in images], prompts, path, cols=v.num_images_per_prompt
-                       if len(v.prompts) > 1 else None)
+    cols = v.num_images_per_prompt if v.num_images_per_prompt > 1 else None  # a row per prompt, or a square grid
+    return save_images([PIL.Image.fromarray(a) for a in images], prompts, path, cols=cols)
 
 
 def fixed_noise(shape, key: tuple[int, int], indices, device) -> torch.Tensor:
