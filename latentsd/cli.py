@@ -48,6 +48,16 @@ def _demo(args) -> None:
     print(f"  model    {report['model']}  (latentsd generate \"a red star on the left\" --model {report['model']})")
 
 
+def _eval_shapes(args) -> None:
+    import json
+
+    from .demo import evaluate_shapes_model
+
+    result = evaluate_shapes_model(args.model, args.out, seeds=range(args.seeds), steps=args.steps,
+                                   guidance=args.guidance)
+    print(json.dumps({g: {k: round(v, 4) for k, v in r.items()} for g, r in result.items()}))
+
+
 def _make_shapes(args) -> None:
     from .data.shapes import HELD_OUT, all_specs, make_shapes_dataset, write_imagefolder
 
@@ -126,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a grid PNG with its .json sidecar, or an imagefolder with metadata.jsonl")
     p.add_argument("--details", action="store_true", help="also print one JSON line per image")
     p.set_defaults(run=_score_shapes)
+
+    p = sub.add_parser("eval-shapes", help="adherence of a shapes model on all 90 prompts (held-out ones apart)")
+    p.add_argument("--model", required=True, help="model folder, e.g. latentsd/assets/shapes_base")
+    p.add_argument("--out", default="outputs/eval", help="folder for the grids (default outputs/eval)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.set_defaults(run=_eval_shapes)
 
     p = sub.add_parser("init-model", help="save a randomly initialised model from a model config")
     p.add_argument("--config", default="tiny", help="configs/models/NAME.yaml or a YAML path (default tiny)")

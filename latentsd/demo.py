@@ -54,6 +54,26 @@ def generate_and_score(model_dir: Path, groups: dict[str, list[str]], out_png: P
     return scores
 
 
+def evaluate_shapes_model(model_dir: str | Path, out_dir: str | Path, seeds=(0, 1, 2), steps: int = 25,
+                          guidance: float = 2.0) -> dict:
+    """Adherence of a shapes model on all 90 combinations (held-out ones scored separately), per seed.
+
+    Writes one grid per seed to ``out_dir`` and returns ``{"seen": scores, "held_out": scores}`` pooled over seeds.
+    """
+    from .data.shapes import HELD_OUT
+
+    everything = prompts_for(["circle", "square", "triangle"])
+    groups = {"seen": [p for p in everything if p not in HELD_OUT], "held_out": list(HELD_OUT)}
+    runs = [generate_and_score(Path(model_dir), groups, Path(out_dir) / f"eval-seed{seed}.png", steps, guidance, seed)
+            for seed in seeds]
+    return {name: _pool([run[name] for run in runs]) for name in groups}
+
+
+def _pool(results: list[dict]) -> dict:
+    n = sum(r["n"] for r in results)
+    return {"n": n, **{k: sum(r[k] * r["n"] for r in results) / n for k in ("color", "shape", "position", "all")}}
+
+
 def run_demo(out_dir: str | Path, steps: int | None = None, seed: int = 0, base_model: str | Path | None = None,
              n_new: int = 600, n_old: int = 600, sample_steps: int = 25, guidance: float = 2.0,
              overrides: list[str] = ()) -> dict:

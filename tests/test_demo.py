@@ -29,3 +29,11 @@ def test_demo_without_a_base_model_says_how_to_build_it(tmp_path, capsys, monkey
     monkeypatch.setattr(demo, "BASE_MODEL", tmp_path / "missing")
     assert main(["demo", "--out", str(tmp_path / "d")]) == 2
     assert "make base-model" in capsys.readouterr().err
+
+
+def test_eval_shapes_scores_seen_and_held_out_prompts(tmp_path, tiny_model_dir, capsys):
+    assert main(["eval-shapes", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--seeds", "1",
+                 "--steps", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["seen"]["n"] == 80 and result["held_out"]["n"] == 10
+    assert (tmp_path / "eval-seed0.png").is_file()
