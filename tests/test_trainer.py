@@ -18,7 +18,8 @@ from latentsd.cli import main
 from latentsd.config import load_config
 from latentsd.data.shapes import make_shapes_dataset, write_imagefolder
 from latentsd.training.checkpoint import list_checkpoints, save_checkpoint
-from latentsd.training.trainer import read_metrics, train
+from latentsd.training.logs import read_metrics
+from latentsd.training.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,9 @@ from latentsd.data.shapes import make_shapes_dataset, write_imagefolder
 from latentsd.schedulers import DDPMScheduler
 from latentsd.training.ema import EMA
 from latentsd.training.losses import make_noise, perturb_input_noise, sample_timesteps, snr_weights
-from latentsd.training.trainer import GlobalDraw, Trainer, read_metrics, train
+from latentsd.training.logs import read_metrics
+from latentsd.training.rng import GlobalDraw
+from latentsd.training.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,6 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from ..config import save_config
@@ -77,3 +78,20 @@ def _prune(output_dir: str | Path, keep: int) -> None:
     if keep > 0:
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
+
+
+def save_pipeline_atomically(pipe, path: Path, dtype: torch.dtype) -> None:
+    """``pipe.save_pretrained`` into a temp folder, cast if asked, then swapped in place of ``path``."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    if dtype != torch.float32:  # cast a copy on disk, never the weights being trained
+        from ..pipeline import LatentDiffusionPipeline
+
+        LatentDiffusionPipeline.from_pretrained(tmp, torch_dtype=dtype).save_pretrained(tmp)
+    old = path.with_name(f".old-{path.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -8,7 +8,6 @@ uninterrupted one bit for bit, and 1 process × batch 2b sees the same samples, 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig, save_config
@@ -28,30 +27,13 @@ from ..data.cache import latents_from_params
 from ..latents import encode, latent_shape
 from ..models import Components, build_components, load_components
 from ..text import PromptEncoder
-from .checkpoint import resolve_resume, save_checkpoint
+from .checkpoint import resolve_resume, save_checkpoint, save_pipeline_atomically
 from .ema import make_ema
+from .logs import MetricsLog, flat_config
+from .rng import EpochSampler, GlobalDraw
 from .losses import loss_target, make_noise, perturb_input_noise, sample_timesteps, snr_weights, weighted_mse
 
 logger = logging.getLogger(__name__)
-
-
-class EpochSampler(Sampler):
-    """A permutation of ``indices`` per epoch drawn from (seed, epoch): independent of any RNG state."""
-
-    def __init__(self, indices, seed: int, shuffle: bool = True):
-        self.indices, self.seed, self.shuffle, self.epoch = list(indices), seed, shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        if not self.shuffle:
-            return iter(self.indices)
-        order = torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        return iter([self.indices[i] for i in order.tolist()])
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 @dataclass
@@ -66,30 +48,6 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.images_seen = state["step"], state["images_seen"]
-
-
-class GlobalDraw:
-    """Random numbers for the *global* batch of one micro-step, of which this rank keeps its slice.
-
-    Drawing for all ranks and slicing makes the numbers independent of how the batch is split.
-    """
-
-    def __init__(self, seed: int, micro_step: int, rank: int, world: int, device):
-        self.gen = torch.Generator(device).manual_seed(seed * 1_000_003 + micro_step + 1)
-        self.rank, self.world, self.device = rank, world, device
-
-    def _local(self, full: torch.Tensor) -> torch.Tensor:
-        local = full.shape[0] // self.world
-        return full[self.rank * local:(self.rank + 1) * local]
-
-    def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return self._local(torch.randn((shape[0] * self.world, *shape[1:]), generator=self.gen, device=self.device))
-
-    def rand(self, n: int) -> torch.Tensor:
-        return self._local(torch.rand(n * self.world, generator=self.gen, device=self.device))
-
-    def randint(self, low: int, high: int, n: int) -> torch.Tensor:
-        return self._local(torch.randint(low, high, (n * self.world,), generator=self.gen, device=self.device))
 
 
 def load_model(cfg: TrainConfig) -> Components:
@@ -351,7 +309,7 @@ class Trainer:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             save_config(cfg, Path(cfg.output_dir) / "config.yaml")
         if cfg.report_to != "none":
-            acc.init_trackers("latentsd", config=_flat(cfg))
+            acc.init_trackers("latentsd", config=flat_config(cfg))
         self.log = MetricsLog(Path(cfg.output_dir) / "logs" / "metrics.jsonl", acc.is_main_process)
         bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not acc.is_local_main_process)
         self.clock, window = (time.perf_counter(), state.step), []
@@ -451,7 +409,7 @@ class Trainer:
                 pipe = self.pipeline()
                 if self.cfg.lora.enabled:
                     self._export_lora(pipe, path)
-                _save_atomically(pipe, path, dtype)
+                save_pipeline_atomically(pipe, path, dtype)
         self.acc.wait_for_everyone()
         return path
 
@@ -487,56 +445,6 @@ def _eval_mode(modules):
     finally:
         for m, mode in zip(modules, modes):
             m.train(mode)
-
-
-class MetricsLog:
-    """One JSON line per optimizer step (main process): survives crashes, easy to diff across runs."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, step: int, metrics: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
-def read_metrics(output_dir: str | Path) -> dict[int, dict]:
-    """Metrics by step; after a resume, the last line written for a step wins."""
-    lines = (Path(output_dir) / "logs" / "metrics.jsonl").read_text().splitlines()
-    return {rec["step"]: rec for rec in map(json.loads, lines)}
-
-
-def _save_atomically(pipe, path: Path, dtype: torch.dtype) -> None:
-    import shutil
-
-    tmp = path.with_name(f".tmp-{path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    if dtype != torch.float32:  # cast a copy on disk, never the weights being trained
-        from ..pipeline import LatentDiffusionPipeline
-
-        LatentDiffusionPipeline.from_pretrained(tmp, torch_dtype=dtype).save_pretrained(tmp)
-    old = path.with_name(f".old-{path.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _flat(cfg: TrainConfig) -> dict:
-    from ..config import config_to_dict
-
-    def walk(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from walk(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v if isinstance(v, (int, float, str, bool)) else str(v)
-    return dict(walk(config_to_dict(cfg)))
 
 
 def train(cfg: TrainConfig) -> dict:
