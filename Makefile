@@ -26,5 +26,5 @@ demo: install
 base-model: install
 	$(PY) -m latentsd.cli make-shapes --out data/shapes_train --n 16000 --hold-out
 	$(PY) -m latentsd.cli train-vae --config configs/train/shapes_vae.yaml
-	OMP_NUM_THREADS=1 $(PY) -m latentsd.cli train --config configs/train/shapes_base.yaml
+	$(PY) -m latentsd.cli train --config configs/train/shapes_base.yaml
 	rm -rf latentsd/assets/shapes_base && cp -r outputs/shapes_base/model latentsd/assets/shapes_base

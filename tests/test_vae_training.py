@@ -103,3 +103,13 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     assert list(StepBatches(10, 4, seed=3, start=4, max_steps=6)) == full[4:]
     seen = [i for b in full[:5] for i in b]  # 20 positions = two epochs, each a permutation
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+
+
+def test_cosine_lr_runs_from_peak_to_the_floor():
+    from latentsd.training.vae import cosine_lr
+
+    assert cosine_lr(1e-3, 0.05, 1, 100) == pytest.approx(1e-3)
+    assert cosine_lr(1e-3, 0.05, 100, 100) == pytest.approx(5e-5)
+    assert cosine_lr(1e-3, 1.0, 50, 100) == pytest.approx(1e-3)  # ratio 1 = constant
+    lrs = [cosine_lr(1e-3, 0.05, s, 100) for s in range(1, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))

@@ -70,11 +70,15 @@ class VAETrainConfig:
     seed: int = opt(0, "seed of model init, data order, posterior noise and the shapes data")
     model_config: str = opt("shapes", "model config (configs/models/NAME.yaml or a YAML path) whose `vae` section is built")
     dataset: str = opt("shapes:16000", "'shapes:N' (N generated shapes images) or a local imagefolder / dataset path")
+    shapes: list = opt(["circle", "square", "triangle", "star"],
+                       "shapes drawn for a shapes:N dataset (the VAE is the general image model: it sees every shape)")
     image_column: Optional[str] = opt(None, "image column of a non-shapes dataset; null = auto-detect")
     resolution: int = opt(64, "square training resolution (multiple of 8); images are resized + center-cropped")
     max_steps: int = opt(800, "total optimizer steps")
     batch_size: int = opt(16, "images per step")
-    learning_rate: float = opt(1e-3, "AdamW learning rate (constant)")
+    learning_rate: float = opt(1e-3, "AdamW peak learning rate")
+    lr_min_ratio: float = opt(1.0, "cosine decay to this fraction of the peak by max_steps; 1 = constant")
+    max_grad_norm: Optional[float] = opt(None, "clip the gradient norm (steadies late loss spikes); null = off")
     weight_decay: float = opt(1e-2, "AdamW decoupled weight decay")
     kl_weight: float = opt(1e-5, "weight of the KL term (per-image sum over latent elements)")
     foreground_weight: float = opt(10.0, "loss weight of pixels that differ from the white background (1 = off)")
@@ -147,10 +151,11 @@ class PixelDataset(torch.utils.data.Dataset):
 def load_pixel_dataset(cfg: VAETrainConfig) -> PixelDataset:
     """``shapes:N`` → N generated images (seed ``cfg.seed``); anything else → latentsd's dataset loader."""
     if cfg.dataset.startswith("shapes:"):
-        from ..data.shapes import make_shapes_dataset
+        from ..data.shapes import all_specs, make_shapes_dataset
 
         n = int(cfg.dataset.split(":", 1)[1])
-        return PixelDataset(make_shapes_dataset(n, seed=cfg.seed, size=cfg.resolution), "image", cfg.resolution)
+        data = make_shapes_dataset(n, seed=cfg.seed, size=cfg.resolution, specs=all_specs(shapes=cfg.shapes))
+        return PixelDataset(data, "image", cfg.resolution)
     from ..config import DataConfig
     from ..data.datasets import load_caption_dataset
 
@@ -318,14 +323,14 @@ def _to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 @torch.no_grad()
 def reconstruction_report(vae, n: int = 300, seed: int = 1_000_003, batch_size: int = 50,
-                          size: int | None = None) -> dict:
+                          size: int | None = None, shapes=None) -> dict:
     """Scorer accuracy (color / shape / position / all) on reconstructions (posterior mode) of ``n`` fresh
     ``size``-pixel shapes images (default: the VAE's sample_size); ``seed`` picks a sample stream unlike
     any training seed. Also the PSNR."""
-    from ..data.shapes import make_shapes_dataset, score
+    from ..data.shapes import all_specs, make_shapes_dataset, score
     from ..data.transforms import pil_to_tensor
 
-    ds = make_shapes_dataset(n, seed=seed, size=size or vae.config.sample_size)
+    ds = make_shapes_dataset(n, seed=seed, size=size or vae.config.sample_size, specs=all_specs(shapes=shapes))
     pixels = torch.stack([pil_to_tensor(row["image"].convert("RGB")) for row in ds])
     device = next(vae.parameters()).device
     recons = [vae.decode(vae.encode(b.to(device)).latent_dist.mode()).sample.cpu() for b in pixels.split(batch_size)]
@@ -364,6 +369,12 @@ def _log(cfg: VAETrainConfig, step: int, terms: dict, started: float, start_step
         f.write(line + "\n")
 
 
+def cosine_lr(peak: float, min_ratio: float, step: int, max_steps: int) -> float:
+    """Cosine from ``peak`` at step 1 to ``peak * min_ratio`` at ``max_steps``."""
+    progress = (step - 1) / max(max_steps - 1, 1)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def _train_loop(cfg: VAETrainConfig, vae, optimizer, data: PixelDataset, device, start: int) -> dict:
     """Steps ``start..max_steps``; returns the last step's loss terms."""
     loader = torch.utils.data.DataLoader(
@@ -376,6 +387,10 @@ def _train_loop(cfg: VAETrainConfig, vae, optimizer, data: PixelDataset, device,
         loss, terms = vae_loss(vae, pixels.to(device), gen, cfg.kl_weight, cfg.foreground_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.max_grad_norm)
+        for group in optimizer.param_groups:  # a pure function of the step: resume needs no schedule state
+            group["lr"] = cosine_lr(cfg.learning_rate, cfg.lr_min_ratio, step, cfg.max_steps)
         optimizer.step()
         bar.update(1)
         bar.set_postfix(loss=f"{terms['loss']:.4f}", refresh=False)
@@ -430,7 +445,7 @@ def _train_vae(cfg: VAETrainConfig) -> Path:
                "steps_per_s": round((cfg.max_steps - start) / max(train_s, 1e-9), 3), "last_loss": last.get("loss"),
                **_finish(cfg, vae, data)}
     if cfg.eval_samples and cfg.dataset.startswith("shapes:"):
-        summary["reconstruction"] = reconstruction_report(vae, cfg.eval_samples, size=cfg.resolution)
+        summary["reconstruction"] = reconstruction_report(vae, cfg.eval_samples, size=cfg.resolution, shapes=cfg.shapes)
     summary["wall_seconds"] = round(time.perf_counter() - began, 1)  # data generation and measuring included
     summary["vae_dir"] = str(out / "vae")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
