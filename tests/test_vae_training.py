@@ -49,9 +49,11 @@ def test_short_run_saves_a_loadable_vae_with_the_measured_scaling_factor(tmp_pat
 
 def test_resume_gives_bit_identical_weights(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    train_vae(_cfg(a, "max_steps=6", "checkpoint_every=3"))
-    train_vae(_cfg(b, "max_steps=4", "checkpoint_every=3"))  # "interrupted" at step 4; resume from step 3
-    train_vae(_cfg(b, "max_steps=6", "checkpoint_every=3", f"resume={b / 'checkpoints/step-0000003'}"))
+    # the stand-in interruption is a shorter run, so the LR must not depend on max_steps: constant here
+    const = "lr_min_ratio=1.0"
+    train_vae(_cfg(a, "max_steps=6", "checkpoint_every=3", const))
+    train_vae(_cfg(b, "max_steps=4", "checkpoint_every=3", const))  # "interrupted" at step 4; resume from step 3
+    train_vae(_cfg(b, "max_steps=6", "checkpoint_every=3", const, f"resume={b / 'checkpoints/step-0000003'}"))
     logged = [json.loads(line)["step"] for line in (b / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4, 5, 6]
     wa, wb = _weights(a), _weights(b)
@@ -59,7 +61,7 @@ def test_resume_gives_bit_identical_weights(tmp_path):
     sa, sb = (AutoencoderKL.load_config(p / "vae")["scaling_factor"] for p in (a, b))
     assert sa == sb
     # resume=latest of a finished run: nothing to train; vae/ is rewritten (atomically) with the same weights
-    train_vae(_cfg(b, "max_steps=6", "resume=latest"))
+    train_vae(_cfg(b, "max_steps=6", const, "resume=latest"))
     wc = _weights(b)
     assert all(torch.equal(wa[k], wc[k]) for k in wa) and not list(b.glob(".old-*"))
 
@@ -78,7 +80,8 @@ def test_unknown_key_and_bad_values_fail_naming_the_key():
 def test_recipe_file_loads_round_trips_and_has_the_measured_recipe(tmp_path):
     cfg = load_vae_config(ROOT / "configs/train/shapes_vae.yaml")
     assert load_vae_config(save_config(cfg, tmp_path / "c.yaml")) == cfg
-    assert (cfg.model_config, cfg.max_steps, cfg.batch_size, cfg.learning_rate) == ("shapes", 800, 16, 1e-3)
+    assert (cfg.model_config, cfg.max_steps, cfg.batch_size, cfg.learning_rate) == ("shapes", 1200, 16, 1e-3)
+    assert (cfg.lr_min_ratio, cfg.max_grad_norm, "star" in cfg.shapes) == (0.05, 1.0, True)
     assert (cfg.kl_weight, cfg.foreground_weight) == (1e-5, 10.0)
 
 
