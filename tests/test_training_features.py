@@ -33,6 +33,14 @@ def _cfg(out, data, *extra):
         "optim.train_batch_size=2", *extra])
 
 
+def _full_and_resumed(tmp_path, data, *extra):
+    """Train 4 steps, then again from the step-2 checkpoint of that run into another folder."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train(_cfg(full, data, *extra))
+    train(_cfg(resumed, data, *extra, f"resume={full}/checkpoints/step-0000002"))
+    return full, resumed
+
+
 # ---- EMA -----------------------------------------------------------------------------------------
 def test_ema_follows_the_closed_form_with_warmup():
     p = torch.nn.Parameter(torch.zeros(3))
@@ -50,11 +58,7 @@ def test_ema_follows_the_closed_form_with_warmup():
 
 
 def test_ema_resume_is_bit_identical_and_export_uses_ema(tmp_path, shapes_dir):
-    ema = ["ema.enabled=true", "ema.decay=0.5"]
-    full = tmp_path / "full"
-    train(_cfg(full, shapes_dir, *ema))
-    resumed = tmp_path / "resumed"
-    train(_cfg(resumed, shapes_dir, *ema, f"resume={full}/checkpoints/step-0000002"))
+    full, resumed = _full_and_resumed(tmp_path, shapes_dir, "ema.enabled=true", "ema.decay=0.5")
     a = load_file(full / "model/unet/diffusion_pytorch_model.safetensors")
     b = load_file(resumed / "model/unet/diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -185,11 +189,7 @@ def mixed_aspect_dir(tmp_path_factory):
 
 
 def test_bucketed_training_resumes_exactly(tmp_path, mixed_aspect_dir):
-    buckets = ["data.buckets=true", "data.bucket_step=16"]
-    full = tmp_path / "full"
-    train(_cfg(full, mixed_aspect_dir, *buckets))
-    resumed = tmp_path / "resumed"
-    train(_cfg(resumed, mixed_aspect_dir, *buckets, f"resume={full}/checkpoints/step-0000002"))
+    full, resumed = _full_and_resumed(tmp_path, mixed_aspect_dir, "data.buckets=true", "data.bucket_step=16")
     a, b = read_metrics(full), read_metrics(resumed)
     assert all(a[s]["loss"] == b[s]["loss"] for s in (3, 4))
 
