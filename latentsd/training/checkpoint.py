@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -80,18 +81,28 @@ def _prune(output_dir: str | Path, keep: int) -> None:
             shutil.rmtree(old)
 
 
+def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+    """Write into a hidden temp folder, then rename over ``final``: readers never see half a folder."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
+    if final.exists():  # os.replace cannot overwrite a non-empty folder: move the old one aside first
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def save_pipeline_atomically(pipe, path: Path, dtype: torch.dtype) -> None:
     """``pipe.save_pretrained`` into a temp folder, cast if asked, then swapped in place of ``path``."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    if dtype != torch.float32:  # cast a copy on disk, never the weights being trained
-        from ..pipeline import LatentDiffusionPipeline
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(tmp)
+        if dtype != torch.float32:  # cast a copy on disk, never the weights being trained
+            from ..pipeline import LatentDiffusionPipeline
 
-        LatentDiffusionPipeline.from_pretrained(tmp, torch_dtype=dtype).save_pretrained(tmp)
-    old = path.with_name(f".old-{path.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+            LatentDiffusionPipeline.from_pretrained(tmp, torch_dtype=dtype).save_pretrained(tmp)
+
+    write_dir_atomically(Path(path), write)

@@ -50,6 +50,10 @@ class TrainState:
         self.step, self.images_seen = state["step"], state["images_seen"]
 
 
+# mixed_precision and export.dtype names → torch dtypes ("no" mixed precision computes in fp32)
+TORCH_DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def load_model(cfg: TrainConfig) -> Components:
     """Components to train, with our DDPM scheduler configured for training (prediction type, zero SNR)."""
     from ..models import load_vae
@@ -120,7 +124,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.acc = acc = make_accelerator(cfg)
-        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        self.weight_dtype = TORCH_DTYPES[cfg.mixed_precision]
         self.parts = parts = load_model(cfg)
         self.scheduler = parts.scheduler
         self.prediction_type = parts.scheduler.config.prediction_type
@@ -404,7 +408,7 @@ class Trainer:
         """A diffusers-layout pipeline folder (our scheduler config; EMA weights when enabled), main process only."""
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.cfg.export.dtype]
+            dtype = TORCH_DTYPES[self.cfg.export.dtype]
             with self.ema.swapped_in():
                 pipe = self.pipeline()
                 if self.cfg.lora.enabled:

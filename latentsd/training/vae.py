@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -38,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..config import load_config, opt, save_config
 from ..models import load_model_config
-from .checkpoint import checkpoint_dir, list_checkpoints, resolve_resume
+from .checkpoint import checkpoint_dir, list_checkpoints, resolve_resume, write_dir_atomically
 
 __all__ = [
     "VAETrainConfig",
@@ -246,21 +244,6 @@ def _device(name: str) -> torch.device:
 # --------------------------------------------------------------------------- atomic folders and checkpoints
 
 
-def _write_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
-    """Write into a hidden temp folder, then rename over ``final``: readers never see half a folder."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    old = final.parent / f".old-{final.name}-{os.getpid()}"
-    if final.exists():  # os.replace cannot overwrite a non-empty folder: move the old one aside first
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 def save_vae_checkpoint(cfg: VAETrainConfig, vae, optimizer, step: int) -> Path:
     """``checkpoints/step-NNNNNNN/``: model.safetensors, optimizer.pt, state.json, config.yaml; prunes old ones."""
     from safetensors.torch import save_file
@@ -272,7 +255,7 @@ def save_vae_checkpoint(cfg: VAETrainConfig, vae, optimizer, step: int) -> Path:
         (tmp / "state.json").write_text(json.dumps({"step": step}))
         save_config(cfg, tmp / "config.yaml")
 
-    path = _write_dir_atomically(checkpoint_dir(cfg.output_dir) / f"step-{step:07d}", write)
+    path = write_dir_atomically(checkpoint_dir(cfg.output_dir) / f"step-{step:07d}", write)
     if cfg.checkpoints_total_limit > 0:
         for old in list_checkpoints(cfg.output_dir)[:-cfg.checkpoints_total_limit]:
             shutil.rmtree(old)
@@ -291,7 +274,7 @@ def load_vae_checkpoint(path: Path, vae, optimizer) -> int:
 
 def save_vae(vae, path: str | Path) -> Path:
     """``vae.save_pretrained(path, safe_serialization=True)``, atomically."""
-    return _write_dir_atomically(Path(path), lambda tmp: vae.save_pretrained(tmp, safe_serialization=True))
+    return write_dir_atomically(Path(path), lambda tmp: vae.save_pretrained(tmp, safe_serialization=True))
 
 
 # --------------------------------------------------------------------------- measuring
