@@ -9,11 +9,14 @@ PY := $(VENV)/bin/python
 .PHONY: install test demo base-model
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the tested set of versions (README, "Versions"); CONSTRAINTS= installs the newest instead.
+CONSTRAINTS ?= -c constraints.txt
+
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q $(CONSTRAINTS) -e ".[test]"
 	touch $@
 
 test: install
