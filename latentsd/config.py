@@ -29,6 +29,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .resources import shipped_config, shipped_configs
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -595,9 +597,7 @@ def load_config(
     elif isinstance(path_or_dict, dict):
         raw = _deepcopy_plain(path_or_dict)
     else:
-        path = Path(path_or_dict)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path} (pass a YAML path, e.g. configs/train/tiny.yaml)")
+        path = _config_path(path_or_dict)
         raw = _yaml_load(path.read_text(encoding="utf-8"), str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(raw).__name__}")
@@ -605,6 +605,18 @@ def load_config(
         _check_override_path(cls, parts)
         _set_dotted(raw, parts, value)
     return config_from_dict(raw, cls)
+
+
+def _config_path(path_or_name: Union[str, os.PathLike]) -> Path:
+    """A YAML path, or the name of a shipped train config (``tiny`` → latentsd/configs/train/tiny.yaml)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    shipped = shipped_config("train", os.fspath(path_or_name))
+    if shipped is None:
+        raise ConfigError(f"config file not found: {path} (pass a YAML path, or the name of a shipped train "
+                          f"config: {', '.join(shipped_configs('train'))})")
+    return shipped
 
 
 def _deepcopy_plain(x: Any) -> Any:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .models import CONFIG_DIR
+from .resources import package_path, shipped_config
 
-BASE_MODEL = Path(__file__).parent / "assets" / "shapes_base"
+BASE_MODEL = package_path("assets", "shapes_base")
 NEW_SHAPE = "star"
 
 
@@ -90,10 +90,10 @@ def run_demo(out_dir: str | Path, steps: int | None = None, seed: int = 0, base_
     data = write_concept_data(out / "data", n_new, n_old, seed)
     print("2/4 generating with the base model")
     before = generate_and_score(base_model, groups, out / "before.png", sample_steps, guidance, seed)
-    print("3/4 fine-tuning (the normal trainer; configs/train/demo_star.yaml)")
+    print("3/4 fine-tuning (the normal trainer; latentsd/configs/train/demo_star.yaml)")
     overrides = [f"output_dir={out / 'finetune'}", f"model.pretrained={base_model}", f"data.dataset={data}",
                  f"seed={seed}", "resume=none"] + ([f"max_steps={steps}"] if steps else []) + list(overrides)
-    summary = train(load_config(CONFIG_DIR / "train" / "demo_star.yaml", overrides))
+    summary = train(load_config(shipped_config("train", "demo_star"), overrides))
     print("4/4 generating with the fine-tuned model")
     after = generate_and_score(Path(summary["model"]), groups, out / "after.png", sample_steps, guidance, seed)
     report = {"before": before, "after": after, "train_steps": summary["steps"],

@@ -1,9 +1,9 @@
 """Build Stable-Diffusion-style components from a model config, or load them from a diffusers folder / hub id.
 
-A model config (``configs/models/NAME.yaml``) has one section per component, passed as keyword arguments
-to the standard classes: ``transformers.CLIPTextConfig``, ``diffusers.AutoencoderKL``,
-``diffusers.UNet2DConditionModel`` and our ``DDPMScheduler``; plus ``tokenizer`` (``builtin`` or a
-folder / hub id) and ``resolution`` (the default image side).
+A model config (``latentsd/configs/models/NAME.yaml``, shipped in the package, or any YAML path) has one
+section per component, passed as keyword arguments to the standard classes: ``transformers.CLIPTextConfig``,
+``diffusers.AutoencoderKL``, ``diffusers.UNet2DConditionModel`` and our ``DDPMScheduler``; plus ``tokenizer``
+(``builtin`` or a folder / hub id) and ``resolution`` (the default image side).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 import torch
 import yaml
 
+from .resources import shipped_config, shipped_configs
 from .tokenizer import load_tokenizer
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SECTIONS = ("resolution", "tokenizer", "text_encoder", "vae", "unet", "scheduler")
 
 
@@ -36,17 +36,17 @@ class Components:
 
 
 def model_config_path(name_or_path: str) -> Path:
-    """``tiny`` → configs/models/tiny.yaml; a path to a YAML file is used as is."""
+    """``tiny`` → latentsd/configs/models/tiny.yaml (shipped in the package); a path to a YAML file is used as is."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise FileNotFoundError(f"model config {path} does not exist")
         return path
-    path = CONFIG_DIR / "models" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
-        raise ValueError(f"unknown model config {name_or_path!r}: use one of {known} or a path to a YAML file")
-    return path
+    shipped = shipped_config("models", name_or_path)
+    if shipped is None:
+        raise ValueError(f"unknown model config {name_or_path!r}: use one of {shipped_configs('models')} "
+                         "or a path to a YAML file")
+    return shipped
 
 
 def load_model_config(name_or_path: str | dict) -> dict:

@@ -15,7 +15,7 @@ uninterrupted one (same device and thread count).
 
 Typical use (what ``latentsd train-vae --config FILE k=v ...`` runs)::
 
-    cfg = load_config("configs/train/shapes_vae.yaml", ["max_steps=400"], cls=VAETrainConfig)
+    cfg = load_vae_config("shapes_vae", ["max_steps=400"])   # latentsd/configs/train/shapes_vae.yaml, or a path
     vae_dir = train_vae(cfg)          # <output_dir>/vae, loadable with AutoencoderKL.from_pretrained
 """
 
@@ -66,7 +66,7 @@ class VAETrainConfig:
 
     output_dir: str = opt("outputs/vae", "run directory: checkpoints, metrics, summary and the final vae/ folder")
     seed: int = opt(0, "seed of model init, data order, posterior noise and the shapes data")
-    model_config: str = opt("shapes", "model config (configs/models/NAME.yaml or a YAML path) whose `vae` section is built")
+    model_config: str = opt("shapes", "model config: a name in latentsd/configs/models/ or a YAML path; its `vae` is built")
     dataset: str = opt("shapes:16000", "'shapes:N' (N generated shapes images) or a local imagefolder / dataset path")
     shapes: list = opt(["circle", "square", "triangle", "star"],
                        "shapes drawn for a shapes:N dataset (the VAE is the general image model: it sees every shape)")
