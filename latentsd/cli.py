@@ -82,7 +82,7 @@ def _score_shapes(args) -> None:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="training YAML, e.g. configs/train/tiny.yaml")
+    p.add_argument("--config", required=True, help="training YAML, or the name of a shipped one (tiny, sd15_finetune, ...)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. max_steps=100 optim.learning_rate=1e-4 data.dataset=DIR")
 

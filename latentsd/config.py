@@ -98,7 +98,7 @@ class ModelConfig:
     """What to train: a pretrained diffusers folder/hub id, or a model config to build from scratch."""
 
     pretrained: str = opt("", "diffusers-layout folder or hub id; empty = build from `config`")
-    config: str = opt("tiny", "model config name in configs/models/ or a YAML path (used when pretrained is empty)")
+    config: str = opt("tiny", "model config name (latentsd/configs/models/, shipped in the package) or a YAML path (used when pretrained is empty)")
     revision: Optional[str] = opt(None, "hub revision (branch, tag or commit) of `pretrained`")
     variant: Optional[str] = opt(None, "weights variant of `pretrained`, e.g. fp16")
     train_text_encoder: bool = opt(False, "also train the text encoder (otherwise frozen)")
