@@ -21,7 +21,7 @@ def load_pipeline(model: str, scheduler: str = "model", device: str | None = Non
 
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}: use one of {SCHEDULERS}")
-    pipe = LatentDiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    pipe = LatentDiffusionPipeline.from_pretrained(model, dtype=dtype)
     if scheduler != "model":
         cls = DDPMScheduler if scheduler == "ddpm" else DDIMScheduler
         pipe.scheduler = cls.from_config(pipe.scheduler.config)

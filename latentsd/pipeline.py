@@ -43,6 +43,13 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, factor: float) ->
     return factor * rescaled + (1 - factor) * guided
 
 
+def batch_size(prompt, prompt_embeds) -> int:
+    """Number of prompts of a call (before ``num_images_per_prompt``)."""
+    if prompt is None:
+        return prompt_embeds.shape[0]
+    return 1 if isinstance(prompt, str) else len(prompt)
+
+
 class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Stable-Diffusion-style text-to-image pipeline over vae, text_encoder, tokenizer, unet, scheduler."""
 
@@ -97,8 +104,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             raise ValueError(f"unknown `output_type` {output_type!r}: use one of {OUTPUT_TYPES}")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("pass `negative_prompt` or `negative_prompt_embeds`, not both")
-        if isinstance(negative_prompt, list) and prompt is not None:
-            n = 1 if isinstance(prompt, str) else len(prompt)
+        if isinstance(negative_prompt, list):
+            n = batch_size(prompt, prompt_embeds)
             if len(negative_prompt) != n:
                 raise ValueError(f"got {len(negative_prompt)} negative prompts for {n} prompts: pass one per "
                                  "prompt, or a single string used for all")
@@ -110,22 +117,30 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
     # ---- the parts of a call ------------------------------------------------------------------------
     def encode_prompt(self, prompt, negative_prompt=None, num_images_per_prompt=1, guidance=True,
                       prompt_embeds=None, negative_prompt_embeds=None, clip_skip=None):
-        """Return (cond, uncond) embeddings, each repeated ``num_images_per_prompt`` times (uncond None w/o guidance)."""
-        encoder = PromptEncoder(self.tokenizer, self.text_encoder)
+        """Return (cond, uncond) embeddings, each repeated ``num_images_per_prompt`` times (uncond None w/o guidance).
+
+        Both lie on the execution device in the UNet's dtype, whatever the text encoder's. As in diffusers,
+        ``negative_prompt`` is encoded also when ``prompt_embeds`` are given (at their length); ``""`` is the default.
+        """
+        encoder = PromptEncoder(self.tokenizer, self.text_encoder, device=self._execution_device)
+        negatives = negative_prompt if isinstance(negative_prompt, list) else \
+            [negative_prompt or ""] * batch_size(prompt, prompt_embeds)
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else prompt
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
             if guidance and negative_prompt_embeds is None:
                 prompt_embeds, negative_prompt_embeds = encoder.encode_pair(prompts, negatives, clip_skip)
             else:
                 prompt_embeds = encoder(prompts, clip_skip)
         elif guidance and negative_prompt_embeds is None:
-            chunks = prompt_embeds.shape[1] // encoder.window
-            negative_prompt_embeds = encoder([""] * prompt_embeds.shape[0], clip_skip, num_chunks=chunks)
-        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+            chunks, rest = divmod(prompt_embeds.shape[1], encoder.window)
+            if rest or not chunks:
+                raise ValueError(f"`prompt_embeds` has {prompt_embeds.shape[1]} tokens, not a multiple of the text "
+                                 f"encoder's {encoder.window}: pass `negative_prompt_embeds` of the same shape too")
+            negative_prompt_embeds = encoder(negatives, clip_skip, num_chunks=chunks)
 
         def repeat(embeds):
-            return embeds.to(device=self._execution_device, dtype=dtype).repeat_interleave(num_images_per_prompt, 0)
+            embeds = embeds.to(device=self._execution_device, dtype=self.unet.dtype)
+            return embeds.repeat_interleave(num_images_per_prompt, 0)
 
         return repeat(prompt_embeds), (repeat(negative_prompt_embeds) if guidance else None)
 
@@ -137,7 +152,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected {shape}")
-        return latents.to(device) * self.scheduler.init_noise_sigma
+        return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
     def step_kwargs(self, generator, eta: float) -> dict:
         """Pass ``eta`` / ``generator`` only to schedulers whose ``step`` takes them (any diffusers scheduler works)."""
@@ -167,7 +182,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                                           prompt_embeds, negative_prompt_embeds, clip_skip)
         embeds = torch.cat([uncond, cond]) if guidance else cond  # one UNet call for both branches
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = self.prepare_latents(cond.shape[0], height, width, cond.dtype, device, generator, latents)
+        latents = self.prepare_latents(cond.shape[0], height, width, self.unet.dtype, device, generator, latents)
         extra = self.step_kwargs(generator, eta)
 
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):

@@ -22,15 +22,18 @@ class PromptEncoder:
     """Tokenize and encode prompts with a CLIP tokenizer/text encoder pair.
 
     ``max_chunks`` bounds the length of a prompt to ``max_chunks * (model_max_length - 2)`` tokens;
-    anything beyond is dropped with a warning naming what was dropped.
+    anything beyond is dropped with a warning naming what was dropped. ``device`` is where the token
+    ids go: the pipeline passes its execution device (under CPU / sequential offload the encoder's
+    parameters sit on the CPU or on ``meta``); None = the device of the encoder's parameters.
     """
 
-    def __init__(self, tokenizer, text_encoder, max_chunks: int = 3):
+    def __init__(self, tokenizer, text_encoder, max_chunks: int = 3, device: torch.device | str | None = None):
         if max_chunks < 1:
             raise ValueError(f"max_chunks must be >= 1, got {max_chunks}")
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.max_chunks = max_chunks
+        self.device = device
         self.window = tokenizer.model_max_length  # 77 for CLIP
         self.body = self.window - 2  # tokens per chunk between BOS and EOS
 
@@ -55,7 +58,8 @@ class PromptEncoder:
     def encode_ids(self, ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
         """``[B, n, window]`` ids → ``[B, n * window, D]`` hidden states."""
         batch, chunks, window = ids.shape
-        flat = ids.reshape(batch * chunks, window).to(next(self.text_encoder.parameters()).device)
+        device = self.device if self.device is not None else next(self.text_encoder.parameters()).device
+        flat = ids.reshape(batch * chunks, window).to(device)
         if clip_skip is None:
             hidden = self.text_encoder(flat)[0]
         else:

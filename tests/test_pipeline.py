@@ -136,3 +136,84 @@ def test_loads_folders_written_by_diffusers(tiny, tmp_path, sched):
     expected = DDIMScheduler if sched == "DDIMScheduler" else diffusers.PNDMScheduler
     assert type(pipe.scheduler) is expected
     np.testing.assert_allclose(_run(pipe), _run(ref), atol=1e-4, rtol=0)
+
+
+EMBEDS_CALLS = [
+    {"negative_prompt": ["blurry", "dark"]},
+    {},
+    {"negative_prompt": ["blurry", "dark"], "num_images_per_prompt": 2},
+]
+
+
+@pytest.mark.parametrize("call", EMBEDS_CALLS, ids=["negative_prompt", "alone", "negative_prompt-2-per-prompt"])
+def test_prompt_embeds_with_or_without_negative_prompt_equal_diffusers(tiny, call):
+    """diffusers encodes `negative_prompt` also when `prompt_embeds` are passed (once ignored here)."""
+    ours, ref = _pipes(tiny, DDIMScheduler.from_config(tiny.scheduler.config))
+    embeds = ref.encode_prompt(PROMPTS, "cpu", 1, False)[0]  # diffusers' own encoding of the prompts
+    kw = {"prompt": None, "prompt_embeds": embeds, **call}
+    np.testing.assert_allclose(_run(ours, **kw), _run(ref, **kw), atol=1e-4, rtol=0)
+
+
+def test_a_negative_string_with_prompt_embeds_equals_diffusers(tiny):
+    ours, ref = _pipes(tiny, DDPMScheduler.from_config(tiny.scheduler.config))
+    embeds = ref.encode_prompt(PROMPTS[:1], "cpu", 1, False)[0]
+    kw = {"prompt": None, "prompt_embeds": embeds, "negative_prompt": "blurry"}
+    np.testing.assert_allclose(_run(ours, **kw), _run(ref, **kw), atol=1e-4, rtol=0)
+
+
+def test_prompt_embeds_of_an_odd_length_need_negative_prompt_embeds(tiny):
+    pipe, _ = _pipes(tiny, DDIMScheduler.from_config(tiny.scheduler.config))
+    with pytest.raises(ValueError, match="not a multiple of the text encoder's 77: pass `negative_prompt_embeds`"):
+        pipe(prompt_embeds=torch.zeros(1, 70, 32), num_inference_steps=2)
+    with pytest.raises(ValueError, match="1 negative prompts for 2 prompts"):
+        pipe(prompt_embeds=torch.zeros(2, 77, 32), negative_prompt=["x"], num_inference_steps=2)
+
+
+def _fresh_pipe(model_dir):
+    pipe = LatentDiffusionPipeline.from_pretrained(model_dir)  # its own modules: offloading rewires them
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sequential_offload_to_cpu(pipe):
+    """What `enable_sequential_cpu_offload` does, with the CPU itself as the execution device.
+
+    diffusers' method itself cannot run on a CPU-only machine: it executes on "cpu:0", and with torch
+    2.13 accelerate's hooks then turn parameters into plain tensors (`Parameter.to("cpu:0")` copies).
+    """
+    from accelerate import cpu_offload
+
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            cpu_offload(module, torch.device("cpu"), offload_buffers=len(module._parameters) > 0)
+
+
+def test_sequential_cpu_offload_equals_the_plain_pipeline(tiny_model_dir):
+    """Parameters sit on `meta` until each layer runs: token ids must go to the execution device."""
+    expected = _run(_fresh_pipe(tiny_model_dir), negative_prompt=["blurry", "dark"])
+    pipe = _fresh_pipe(tiny_model_dir)
+    _sequential_offload_to_cpu(pipe)
+    assert next(pipe.text_encoder.parameters()).is_meta and pipe._execution_device == torch.device("cpu")
+    np.testing.assert_allclose(_run(pipe, negative_prompt=["blurry", "dark"]), expected, atol=1e-6, rtol=0)
+
+
+def test_model_cpu_offload_equals_the_plain_pipeline(tiny_model_dir):
+    expected = _run(_fresh_pipe(tiny_model_dir))
+    pipe = _fresh_pipe(tiny_model_dir)
+    pipe.enable_model_cpu_offload(device="cpu")
+    for _ in range(2):  # the hooks are re-armed after each call
+        np.testing.assert_allclose(_run(pipe), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", ["enable_model_cpu_offload", "enable_sequential_cpu_offload"])
+def test_cpu_offload_on_cuda_equals_the_pipeline_on_cuda(tiny_model_dir, offload):
+    def run(pipe):
+        return pipe(PROMPTS, negative_prompt=["blurry", "dark"], num_inference_steps=4, output_type="np",
+                    generator=torch.Generator("cuda").manual_seed(0)).images
+
+    expected = run(_fresh_pipe(tiny_model_dir).to("cuda"))
+    pipe = _fresh_pipe(tiny_model_dir)
+    getattr(pipe, offload)(device="cuda")
+    assert pipe._execution_device.type == "cuda"
+    np.testing.assert_allclose(run(pipe), expected, atol=1e-4, rtol=0)

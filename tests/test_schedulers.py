@@ -551,3 +551,48 @@ def test_interface_basics():
         sched.set_timesteps(10)
         out = sched.step(fake_model(sample, 0), sched.timesteps[-1], sample)
         assert isinstance(out, DDPMSchedulerOutput) and out.prev_sample.shape == SHAPE
+
+
+# ------------------------------------------------------------------------------ training, then sampling
+
+
+def train_then_sample(cls, device, steps=10):
+    """Use a scheduler for training on `device` (add_noise, get_velocity, snr), then sample on that device."""
+    sched = cls(**SD_CONFIG)
+    x0, noise = initial_sample().to(device), torch.randn(SHAPE).to(device)
+    timesteps = torch.tensor([3, 777], device=device)
+    for method in ("add_noise", "get_velocity"):
+        assert getattr(sched, method)(x0, noise, timesteps).device == x0.device
+    assert sched.snr(timesteps).device == x0.device
+    sched.set_timesteps(steps, device=device)
+    sample, generator = x0, None if x0.is_meta else torch.Generator(device).manual_seed(0)
+    for t in sched.timesteps:
+        sample = sched.step(fake_model(sample, t), t, sample, generator=generator).prev_sample
+    assert sample.shape == SHAPE and sample.device == x0.device
+    return sched, sample
+
+
+@pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
+def test_training_tables_on_a_device_then_set_timesteps_there_and_on_cpu(cls):
+    """`meta` stands in for an accelerator: shapes and devices only, no values."""
+    sched, _ = train_then_sample(cls, "meta")
+    assert sched.alphas_cumprod.device.type == "cpu"  # the public tables stay put
+    sched.set_timesteps(10)  # back to the CPU: every step table is on the CPU again, numbers as diffusers'
+    theirs = getattr(diffusers, cls.__name__)(**SD_CONFIG)
+    theirs.set_timesteps(10)
+    assert_sampling_matches(sched, theirs)
+    torch.testing.assert_close(sched.add_noise(initial_sample(), initial_sample(), torch.tensor([5, 500])),
+                               theirs.add_noise(initial_sample(), initial_sample(), torch.tensor([5, 500])),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
+def test_training_on_cuda_then_sampling_on_cuda_equals_a_fresh_scheduler(cls):
+    _, on_cuda = train_then_sample(cls, "cuda")
+    fresh = cls(**SD_CONFIG)
+    fresh.set_timesteps(10, device="cuda")
+    sample, generator = initial_sample().cuda(), torch.Generator("cuda").manual_seed(0)
+    for t in fresh.timesteps:
+        sample = fresh.step(fake_model(sample, t), t, sample, generator=generator).prev_sample
+    torch.testing.assert_close(on_cuda, sample, rtol=0, atol=0)

@@ -59,3 +59,20 @@ def test_unconditional_is_the_empty_prompt_and_matches_length(enc):
 def test_max_chunks_must_be_positive(tiny):
     with pytest.raises(ValueError, match="max_chunks"):
         PromptEncoder(tiny.tokenizer, tiny.text_encoder, max_chunks=0)
+
+
+@torch.no_grad()
+def test_token_ids_go_to_the_given_device_not_the_parameters_one(enc):
+    """Under sequential offload the encoder's parameters are on `meta` and its hooks run it on `device`."""
+    import copy
+
+    from accelerate import cpu_offload
+
+    offloaded = copy.deepcopy(enc.text_encoder)
+    cpu_offload(offloaded, torch.device("cpu"))
+    assert next(offloaded.parameters()).is_meta
+    got = PromptEncoder(enc.tokenizer, offloaded, device="cpu").encode_pair(["a red circle"], ["blurry"])
+    for a, b in zip(got, enc.encode_pair(["a red circle"], ["blurry"])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="meta"):  # what the parameters' device would give
+        PromptEncoder(enc.tokenizer, offloaded)("a red circle")

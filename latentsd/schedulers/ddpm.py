@@ -65,6 +65,7 @@ class DiscreteScheduler(SchedulerMixin, ConfigMixin):
     def _set_training_tables(self, betas: torch.Tensor) -> None:
         """Precompute the one-step (t → t−1) float32 tables, named as in improved-diffusion."""
         # ᾱ and its square roots in float32 exactly as diffusers computes them (add_noise/step parity).
+        self._device_tables = {}  # (name, device) → (table, its copy on device), see _training_table
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
@@ -220,12 +221,16 @@ class DiscreteScheduler(SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------------------ training side
 
     def _training_table(self, name: str, device: torch.device) -> torch.Tensor:
-        """Table `name` on `device`, moved there once and kept (training calls this every step)."""
-        table = getattr(self, name)
-        if table.device != device:
-            table = table.to(device)
-            setattr(self, name, table)
-        return table
+        """A copy of table `name` on `device`, made once and kept (training calls this every step).
+
+        The tables themselves stay on the CPU, so a later `set_timesteps(device=...)` builds its
+        per-step tables from them wherever training ran. A table replaced by the user is re-copied.
+        """
+        source = getattr(self, name)
+        cached = self._device_tables.get((name, device))
+        if cached is None or cached[0] is not source:
+            cached = self._device_tables[(name, device)] = (source, source.to(device))
+        return cached[1]
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """Sample q(x_t | x_0): x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε (Ho et al. Eq. 4); `timesteps` per sample."""
