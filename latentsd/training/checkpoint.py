@@ -8,6 +8,9 @@ previous checkpoint intact and ``resume=latest`` never picks up half a checkpoin
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
 import re
 import shutil
@@ -19,6 +22,7 @@ from safetensors.torch import save_file
 
 from ..config import save_config
 
+logger = logging.getLogger(__name__)
 PATTERN = re.compile(r"^step-(\d+)$")
 
 
@@ -96,13 +100,155 @@ def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     return final
 
 
-def save_pipeline_atomically(pipe, path: Path, dtype: torch.dtype) -> None:
-    """``pipe.save_pretrained`` into a temp folder, cast if asked, then swapped in place of ``path``."""
+def save_pipeline_atomically(pipe, path: Path, dtype: torch.dtype, extras: dict | None = None) -> None:
+    """``pipe.save_pretrained`` (plus ``extras``) into a temp folder, every weight cast to ``dtype`` on disk, then
+    swapped in place of ``path``.
+
+    ``extras`` (from :func:`shipped_extras`) are components of the source folder the pipeline does not hold
+    (SD-1.5's safety checker and feature extractor); they are saved beside the others and listed in
+    ``model_index.json`` as the source listed them. Casting the written files, not the modules, leaves the
+    weights being trained untouched and holds one file in memory at a time.
+    """
     def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp)
-        if dtype != torch.float32:  # cast a copy on disk, never the weights being trained
-            from ..pipeline import LatentDiffusionPipeline
-
-            LatentDiffusionPipeline.from_pretrained(tmp, torch_dtype=dtype).save_pretrained(tmp)
+        if extras:
+            _add_extras(tmp, extras)
+        cast_saved_weights(tmp, dtype)
 
     write_dir_atomically(Path(path), write)
+
+
+# ---- dtype of a written folder -----------------------------------------------------------------------
+def cast_saved_weights(folder: Path, dtype: torch.dtype) -> None:
+    """Every floating tensor of every ``*.safetensors`` file under ``folder`` in ``dtype`` (one file in memory at a
+    time; integer tensors kept), and every transformers ``config.json`` loading in fp32 by default.
+
+    diffusers loads its models in fp32 unless given ``torch_dtype``, whatever the file holds, while transformers 5
+    loads a model in the dtype its ``config.json`` names. A config naming bf16 would thus make a plain
+    ``StableDiffusionPipeline.from_pretrained(folder)`` mix an fp32 UNet with a bf16 text encoder (and fail), so
+    the configs name fp32 like diffusers' own fp16 variants on the hub do: a load without ``torch_dtype`` is fp32
+    throughout, ``torch_dtype=torch.bfloat16`` is bf16 throughout, in both libraries.
+    """
+    for file in sorted(Path(folder).rglob("*.safetensors")):
+        _cast_file(file, dtype)
+    for index in Path(folder).rglob("*.safetensors.index.json"):
+        _update_index_size(index)
+    for config in Path(folder).rglob("config.json"):
+        data = json.loads(config.read_text())
+        keys = [k for k in ("dtype", "torch_dtype") if k in data]  # transformers' configs (diffusers' have none)
+        if keys:
+            data.update(dict.fromkeys(keys, "float32"))
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _cast_file(file: Path, dtype: torch.dtype) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(file), "pt") as f:
+        metadata = f.metadata()
+        stored = {str(f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    if {d for d in stored if d.startswith(("F", "BF"))} <= {_SAFETENSORS_NAMES[dtype]}:
+        return  # every floating tensor is already in dtype: no rewrite
+    tensors = load_file(str(file))
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    del tensors
+    tmp = file.with_name(f".tmp-{file.name}")
+    save_file(cast, str(tmp), metadata=metadata)
+    os.replace(tmp, file)
+
+
+_SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def _update_index_size(index: Path) -> None:
+    """A sharded checkpoint's index records the total byte size, which a cast changes."""
+    from safetensors import safe_open
+
+    data = json.loads(index.read_text())
+    total = 0
+    for shard in set(data.get("weight_map", {}).values()):
+        with safe_open(str(index.parent / shard), "pt") as f:
+            for k in f.keys():  # noqa: SIM118 (not a dict)
+                t = f.get_slice(k)
+                total += _BYTES[str(t.get_dtype())] * math.prod(t.get_shape())
+    data.setdefault("metadata", {})["total_size"] = total
+    index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def export_scheduler(pretrained: str, revision: str | None, changes: dict, trained_with):
+    """The sampler an export ships: the source folder's own class and config (SD-1.5: PNDM, SD-2: DDIM) with the
+    training ``changes`` (prediction type, zero terminal SNR) applied; ``trained_with`` (our DDPM) for a model
+    built from a config, or, with a warning, when that class cannot take a change (PNDM: zero terminal SNR)."""
+    import inspect
+
+    from ..models import load_scheduler
+
+    if not pretrained:
+        return trained_with
+    shipped = load_scheduler(pretrained, revision=revision)
+    unknown = sorted(set(changes) - set(inspect.signature(type(shipped).__init__).parameters))
+    if unknown:
+        logger.warning(f"the folder's {type(shipped).__name__} has no {unknown}: the export ships the training "
+                       f"scheduler ({type(trained_with).__name__}) instead")
+        return trained_with
+    return type(shipped).from_config(shipped.config, **changes)
+
+
+# ---- components a source folder ships beyond the five we train ---------------------------------------
+def shipped_extras(pretrained: str, components, revision: str | None = None,
+                   variant: str | None = None) -> dict:
+    """``{name: (module, [library, class], pipeline_config)}`` for the non-empty entries of the source folder's
+    ``model_index.json`` that ``components`` (our pipeline's) lacks or holds as None: SD-1.5's ``safety_checker`` and
+    ``feature_extractor``. ``pipeline_config``: the index's plain keys (``requires_safety_checker``).
+
+    diffusers' own fine-tuning scripts keep them (they re-save the whole source pipeline), so an export does too.
+    A component that cannot be loaded is left out with a warning naming it, never a crash at the end of a run.
+    """
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(pretrained, revision=revision)
+    except (OSError, ValueError):  # no model_index.json (a bare component folder): nothing extra
+        return {}
+    plain = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, (list, tuple))}
+    out = {}
+    for name, entry in index.items():
+        if name.startswith("_") or components.get(name) is not None or not isinstance(entry, (list, tuple)) \
+                or entry[0] is None:
+            continue
+        try:
+            module = _load_component(pretrained, name, *entry, revision=revision, variant=variant)
+        except Exception as err:  # noqa: BLE001 (any loader error: the export goes on without this part)
+            logger.warning(f"the export leaves out {name} ({entry[1]}) of {pretrained}: it could not be loaded "
+                           f"({type(err).__name__}: {err})")
+            continue
+        out[name] = (module, list(entry), plain)
+    return out
+
+
+def _load_component(pretrained: str, name: str, library: str, class_name: str, revision=None, variant=None):
+    """``[library, class]`` as diffusers writes them: a diffusers pipeline module ("stable_diffusion") or a package."""
+    import importlib
+
+    import diffusers.pipelines
+
+    module = getattr(diffusers.pipelines, library, None) if library not in ("diffusers", "transformers") else None
+    cls = getattr(module if module is not None else importlib.import_module(library), class_name)
+    kwargs = {"subfolder": name, "revision": revision}
+    if issubclass(cls, torch.nn.Module) and variant:
+        kwargs["variant"] = variant
+    return cls.from_pretrained(pretrained, **kwargs)
+
+
+def _add_extras(folder: Path, extras: dict) -> None:
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    for name, (module, entry, plain) in extras.items():
+        module.save_pretrained(folder / name)
+        index[name] = entry
+        index.update(plain)
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -17,7 +17,9 @@ class EMA:
                  update_every: int = 1):
         self.params = [p for p in params]
         device = "cpu" if offload_to_cpu else None
-        self.shadow = [p.detach().to(device=device or p.device, dtype=torch.float32, copy=True) for p in self.params]
+        # FSDP-sharded parameters (DTensors): average this rank's shard; checkpoints hold full tensors
+        self.shadow = [_local(p).detach().to(device=device or _local(p).device, dtype=torch.float32, copy=True)
+                       for p in self.params]
         self.decay, self.warmup, self.update_every, self.updates = decay, warmup, update_every, 0
 
     def current_decay(self) -> float:
@@ -29,7 +31,7 @@ class EMA:
     def update(self) -> None:
         decay = self.current_decay()
         for ema, p in zip(self.shadow, self.params):
-            ema.lerp_(p.detach().to(ema.device, torch.float32), 1.0 - decay)
+            ema.lerp_(_local(p).detach().to(ema.device, torch.float32), 1.0 - decay)
         self.updates += 1
 
     def maybe_update(self, step: int) -> None:
@@ -39,27 +41,28 @@ class EMA:
     @contextmanager
     def swapped_in(self):
         """Temporarily load the EMA weights into the model (validation, export), then restore."""
-        backup = [p.detach().clone() for p in self.params]
+        backup = [_local(p).detach().clone() for p in self.params]
         with torch.no_grad():
             for p, ema in zip(self.params, self.shadow):
-                p.copy_(ema.to(p.device, p.dtype))
+                _local(p).copy_(ema)
         try:
             yield
         finally:
             with torch.no_grad():
                 for p, saved in zip(self.params, backup):
-                    p.copy_(saved)
+                    _local(p).copy_(saved)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"shadow.{i}": t.contiguous() for i, t in enumerate(self.shadow)}
+        """Full tensors (under FSDP gathered from the shards: every rank must call it)."""
+        state = {f"shadow.{i}": _full(t, p).contiguous() for i, (t, p) in enumerate(zip(self.shadow, self.params))}
         return {**state, "updates": torch.tensor(self.updates)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if len(state) - 1 != len(self.shadow):
             raise ValueError(f"EMA state has {len(state) - 1} tensors, the model {len(self.shadow)}: "
                              "the checkpoint belongs to a different model or LoRA setting")
-        for i, ema in enumerate(self.shadow):
-            ema.copy_(state[f"shadow.{i}"])
+        for i, (ema, p) in enumerate(zip(self.shadow, self.params)):
+            ema.copy_(_shard(state[f"shadow.{i}"], p))
         self.updates = int(state["updates"])
 
     def load(self, path) -> None:
@@ -67,6 +70,34 @@ class EMA:
         from safetensors.torch import load_file
 
         self.load_state_dict(load_file(str(path)))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly FSDP-sharded) tensor; in-place writes reach the parameter."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _full(shard: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The full tensor of which ``shard`` is this rank's part, sharded as ``like`` (a collective under FSDP)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(like, DTensor):
+        return shard
+    local = shard.to(_local(like).device)
+    return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape,
+                              stride=like.stride()).full_tensor().to(shard.device)
+
+
+def _shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full``, sharded as ``like`` (no communication: every rank holds ``full``)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(_local(like).device), like.device_mesh, like.placements,
+                             src_data_rank=None).to_local()
 
 
 class NoEMA:

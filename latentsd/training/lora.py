@@ -156,8 +156,8 @@ def _adapter_metadata(model) -> dict:
 
 
 # ---- export ------------------------------------------------------------------------------------------
-def save_lora_diffusers(out_dir: str | Path, unet, text_encoder=None) -> Path:
-    """Write ``out_dir/pytorch_lora_weights.safetensors`` (diffusers format); returns its path.
+def save_lora_diffusers(out_dir: str | Path, unet, text_encoder=None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``out_dir/pytorch_lora_weights.safetensors`` (diffusers format) in ``dtype``; returns its path.
 
     Loads with ``pipe.load_lora_weights(out_dir)`` in diffusers' ``StableDiffusionPipeline`` and ours. The file
     appears atomically (written in a temp folder inside ``out_dir``, then ``os.replace``d), so a reader or a
@@ -167,7 +167,7 @@ def save_lora_diffusers(out_dir: str | Path, unet, text_encoder=None) -> Path:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    unet_sd, te_sd = lora_state_dicts(unet, text_encoder)
+    unet_sd, te_sd = (_cast(sd, dtype) for sd in lora_state_dicts(unet, text_encoder))
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-lora-", dir=out_dir))
     try:
         StableDiffusionLoraLoaderMixin.save_lora_weights(
@@ -214,8 +214,8 @@ def kohya_state_dict(unet, text_encoder=None) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_lora_kohya(path: str | Path, unet, text_encoder=None) -> Path:
-    """Write one kohya-ss / A1111 ``.safetensors`` LoRA file (atomically); returns its path.
+def save_lora_kohya(path: str | Path, unet, text_encoder=None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write one kohya-ss / A1111 ``.safetensors`` LoRA file (atomically) in ``dtype``; returns its path.
 
     Rank and alpha come from the adapters themselves (``metadata ss_network_dim / ss_network_alpha``), so they
     cannot disagree with the weights. Loads with diffusers' ``pipe.load_lora_weights(path)`` and in A1111/ComfyUI.
@@ -225,7 +225,7 @@ def save_lora_kohya(path: str | Path, unet, text_encoder=None) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"a kohya LoRA file must end in .safetensors, got {path}")
-    sd = kohya_state_dict(unet, text_encoder)
+    sd = _cast(kohya_state_dict(unet, text_encoder), dtype)
     _warn_if_diffusers_cannot_load_te(sd)
     cfg = _unwrap(unet).peft_config[ADAPTER]
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.r),
@@ -254,33 +254,42 @@ def _warn_if_diffusers_cannot_load_te(sd: dict) -> None:
                        "to lora.text_encoder_target_modules, or load the diffusers-format export instead.")
 
 
+def _cast(sd: dict | None, dtype: torch.dtype) -> dict | None:
+    return None if sd is None else {k: v.to(dtype) for k, v in sd.items()}
+
+
 def _number(x: float) -> str:
     """4.0 → "4", 2.5 → "2.5" (kohya writes integer alphas without a decimal point)."""
     return str(int(x)) if float(x).is_integer() else str(float(x))
 
 
-def export_lora(out_dir: str | Path, unet, text_encoder=None) -> dict[str, Path]:
+def export_lora(out_dir: str | Path, unet, text_encoder=None, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
     """Both formats into ``out_dir``: ``pytorch_lora_weights.safetensors`` (diffusers) and ``lora_kohya.safetensors``.
 
+    Every tensor in ``dtype`` (the trainer passes ``export.dtype``; the adapters train in fp32 whatever the
+    base dtype, and diffusers loads a file of any float dtype into a model of any other).
     Pass the *unwrapped* models (``accelerator.unwrap_model``); call on the main process only.
     Returns ``{"diffusers": path, "kohya": path}``.
     """
     out_dir = Path(out_dir)
-    return {"diffusers": save_lora_diffusers(out_dir, unet, text_encoder),
-            "kohya": save_lora_kohya(out_dir / KOHYA_WEIGHT_NAME, unet, text_encoder)}
+    return {"diffusers": save_lora_diffusers(out_dir, unet, text_encoder, dtype),
+            "kohya": save_lora_kohya(out_dir / KOHYA_WEIGHT_NAME, unet, text_encoder, dtype)}
 
 
 def merged_copy(model):
-    """A copy of ``model`` with its LoRA merged into the base weights and the peft layers removed.
+    """An fp32 CPU copy of ``model`` with its LoRA merged into the base weights and the peft layers removed.
 
     For a full-model export (``save_pretrained``) of a LoRA run: saving the adapted model itself writes peft's
     ``base_layer`` / ``lora_A`` names (transformers even writes only the adapter), which a plain
-    ``from_pretrained`` cannot read. The trained model is left untouched. Merged weights take the base dtype.
+    ``from_pretrained`` cannot read. The trained model is left untouched. The merge is done in fp32 whatever
+    the base dtype: merging into a bf16/fp16 base would round the (small) update ``(alpha / r)·B A`` to the base
+    weights' few mantissa bits. The copy is made straight on the CPU (no second copy on the GPU); cast it
+    (or the saved files) to the export dtype afterwards.
     """
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    model = copy.deepcopy(_unwrap(model))
+    model = _cpu_fp32_copy(_unwrap(model))
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.merge()
@@ -290,6 +299,38 @@ def merged_copy(model):
     if getattr(model, "_hf_peft_config_loaded", False):
         model._hf_peft_config_loaded = False  # else transformers' save_pretrained writes only the adapter
     return model
+
+
+def merge_into(base, adapted):
+    """``base`` in fp32 with ``adapted``'s LoRA update ``(alpha / r)·B A`` added to each adapted weight; returns it.
+
+    ``base`` is a plain (peft-free) copy of the model ``adapted`` was built from, e.g. the source weights freshly
+    loaded: a LoRA run under fp16/bf16 computes with a cast base, but its adapters are applied to the source
+    model, so the merged export should be exactly "source + adapters". ``base`` is changed in place (pass a copy
+    nobody else uses); ``adapted`` is left alone.
+    """
+    base = _unwrap(base).to(torch.float32)
+    weights = dict(base.named_parameters())
+    layers = _lora_layers(adapted)
+    if not layers:
+        raise ValueError(f"{type(adapted).__name__} has no LoRA adapter {ADAPTER!r}: nothing to merge")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            weight = weights.get(f"{name}.weight")
+            if weight is None:
+                raise ValueError(f"{type(base).__name__} has no {name}.weight: it is not the base of the adapted model")
+            weight += layer.get_delta_weight(ADAPTER).to(weight.device, torch.float32)
+    return base
+
+
+def _cpu_fp32_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """``copy.deepcopy`` whose tensors are fp32 CPU copies (deepcopy's memo supplies them; tied weights stay tied)."""
+    def fresh(t: torch.Tensor) -> torch.Tensor:  # copy=True: never share storage with the model (CPU fp32 already)
+        return t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype, copy=True)
+
+    memo = {id(p): torch.nn.Parameter(fresh(p), requires_grad=False) for p in model.parameters()}
+    memo.update({id(b): fresh(b) for b in model.buffers()})
+    return copy.deepcopy(model, memo)
 
 
 # ---- loading -----------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
@@ -28,6 +27,7 @@ from ..latents import encode, latent_shape
 from ..models import Components, build_components, load_components
 from ..text import PromptEncoder
 from .checkpoint import resolve_resume, save_checkpoint, save_pipeline_atomically
+from .distributed import check_start, even_shares, full_weight_module, trained_parameters
 from .ema import make_ema
 from .logs import MetricsLog, flat_config
 from .rng import EpochSampler, GlobalDraw
@@ -64,12 +64,17 @@ def load_model(cfg: TrainConfig) -> Components:
         else build_components(m.config, seed=cfg.seed)
     if m.vae:
         parts.vae = load_vae(m.vae)
-    changes = {"prediction_type": m.prediction_type} if m.prediction_type else {}
+    # whatever sampler a folder ships (SD-1.5: PNDM), training noises with DDPM on the same betas
+    parts.scheduler = DDPMScheduler.from_config(parts.scheduler.config, **_scheduler_changes(cfg))
+    return parts
+
+
+def _scheduler_changes(cfg: TrainConfig) -> dict:
+    """What the config changes in the folder's noise schedule: the prediction type, zero terminal SNR."""
+    changes = {"prediction_type": cfg.model.prediction_type} if cfg.model.prediction_type else {}
     if cfg.loss.zero_terminal_snr:  # sampling must then start at t = T: trailing spacing
         changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    # whatever sampler a folder ships (SD-1.5: PNDM), training noises with DDPM on the same betas
-    parts.scheduler = DDPMScheduler.from_config(parts.scheduler.config, **changes)
-    return parts
+    return changes
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -124,18 +129,20 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.acc = acc = make_accelerator(cfg)
+        check_start(acc, cfg)  # shared output_dir, DeepSpeed settings, FSDP: fail on every rank before loading
         self.weight_dtype = TORCH_DTYPES[cfg.mixed_precision]
         self.parts = parts = load_model(cfg)
         self.scheduler = parts.scheduler
         self.prediction_type = parts.scheduler.config.prediction_type
         self.text_encoder_trained = cfg.model.train_text_encoder or (cfg.lora.enabled and cfg.lora.text_encoder)
         modules, params = self._set_up_models()
-        self.ema = make_ema(params, cfg.ema)
 
         self.dataset, loader, self.holdout = self._make_data()
         optimizer, schedule = make_optimizer(params, cfg, acc.num_processes)
         *self.trainable, self.optimizer, self.loader, self.lr_schedule = acc.prepare(*modules, optimizer, loader, schedule)
-        self.params = params
+        # FSDP swaps the parameters for sharded ones in prepare: clip and average those
+        self.params = trained_parameters(self.trainable)
+        self.ema = make_ema(self.params, cfg.ema)
         self.state, self.skipped = TrainState(), 0
         acc.register_for_checkpointing(self.state)
         # a trained text encoder is called through its DDP wrapper, so its gradients are synchronised
@@ -196,7 +203,11 @@ class Trainer:
         return sampler
 
     def _holdout_batches(self, hold: int) -> list[dict]:
-        """Held-out samples without augmentation or caption dropout, this rank's share, loaded once."""
+        """Held-out samples without augmentation or caption dropout, this rank's share, loaded once.
+
+        Every rank gets the same number of batches (padding repeats a sample, ``weight`` 0 masks it out of the
+        loss): each forward of an FSDP or DDP module is a collective, so unequal counts would hang.
+        """
         import dataclasses
 
         from ..data.datasets import build_train_dataset, collate
@@ -204,9 +215,9 @@ class Trainer:
         plain = dataclasses.replace(self.cfg.data, caption_dropout=0.0, random_flip=False, center_crop=True,
                                     max_samples=hold)
         dataset = build_train_dataset(plain, seed=self.cfg.seed)
-        mine = range(self.acc.process_index, hold, self.acc.num_processes)
-        size = self.cfg.optim.train_batch_size
-        return [collate([dataset[i] for i in list(mine)[k:k + size]]) for k in range(0, len(mine), size)]
+        shares = even_shares(hold, self.acc.process_index, self.acc.num_processes, self.cfg.optim.train_batch_size)
+        return [{**collate([dataset[i] for i in ids]), "weight": torch.tensor(real, dtype=torch.float32)}
+                for ids, real in shares]
 
     def _set_up_models(self) -> tuple[list[torch.nn.Module], list[torch.nn.Parameter]]:
         """Freeze what is not trained (cast to the compute dtype); trained weights stay fp32."""
@@ -364,12 +375,13 @@ class Trainer:
         return self.cfg.optim.train_batch_size * self.acc.num_processes * self.cfg.optim.gradient_accumulation_steps
 
     def pipeline(self):
-        """The model being trained as a ``LatentDiffusionPipeline`` (unwrapped modules, shared weights)."""
+        """The model being trained as a ``LatentDiffusionPipeline``: unwrapped modules sharing the trained weights,
+        or under FSDP full-weight copies gathered from the shards (then every rank must call it)."""
         from ..pipeline import LatentDiffusionPipeline
 
         p = self.parts
-        unet = self.acc.unwrap_model(self.unet)
-        text_encoder = self.acc.unwrap_model(self.trainable[1]) if self.text_encoder_trained else p.text_encoder
+        unet = full_weight_module(self.acc, self.unet)
+        text_encoder = full_weight_module(self.acc, self.trainable[1]) if self.text_encoder_trained else p.text_encoder
         pipe = LatentDiffusionPipeline(vae=p.vae, text_encoder=text_encoder, tokenizer=p.tokenizer, unet=unet,
                                        scheduler=p.scheduler)
         pipe.set_progress_bar_config(disable=True)
@@ -379,6 +391,7 @@ class Trainer:
     def validate(self) -> dict:
         """Grid of validation images (all ranks share the prompts) and the held-out loss, with EMA weights."""
         from ..schedulers import DDIMScheduler
+        from .trackers import log_validation_images
         from .validation import save_validation_grid, validation_images, validation_loss
 
         cfg, out = self.cfg, {}
@@ -392,9 +405,8 @@ class Trainer:
                 images = validation_images(self.acc, pipe, cfg)
                 if self.acc.is_main_process:
                     grid = save_validation_grid(images, cfg, self.state.step)
-                    for tracker in self.acc.trackers:
-                        if hasattr(tracker, "log_images"):
-                            tracker.log_images({"validation": np.stack(images)}, self.state.step, dataformats="NHWC")
+                    prompts = [p for p in cfg.validation.prompts for _ in range(cfg.validation.num_images_per_prompt)]
+                    log_validation_images(self.acc.trackers, images, prompts, self.state.step)
                     self.acc.print(f"step {self.state.step}: validation grid {grid}")
         return out
 
@@ -405,27 +417,41 @@ class Trainer:
             self.export(path / "model")
 
     def export(self, path: Path) -> Path:
-        """A diffusers-layout pipeline folder (our scheduler config; EMA weights when enabled), main process only."""
+        """A diffusers-layout pipeline folder, main process only: EMA weights when enabled, every tensor in
+        ``export.dtype`` (whatever dtype each part was trained or frozen in), the source folder's sampler and
+        extra components (SD-1.5's PNDM, safety checker and feature extractor)."""
+        from .checkpoint import export_scheduler, shipped_extras
+
         self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            dtype = TORCH_DTYPES[self.cfg.export.dtype]
-            with self.ema.swapped_in():
-                pipe = self.pipeline()
+        with self.ema.swapped_in():
+            pipe = self.pipeline()  # on every rank: under FSDP it gathers the full weights
+            if self.acc.is_main_process:
+                m, dtype = self.cfg.model, TORCH_DTYPES[self.cfg.export.dtype]
+                pipe.scheduler = export_scheduler(m.pretrained, m.revision, _scheduler_changes(self.cfg),
+                                                  self.scheduler)
+                # frozen parts were cast to the compute dtype: export (and merge LoRA into) the source's weights
+                source = load_model(self.cfg) if self.weight_dtype != torch.float32 else None
+                if source is not None:
+                    pipe.vae = source.vae
+                    pipe.text_encoder = pipe.text_encoder if self.text_encoder_trained else source.text_encoder
                 if self.cfg.lora.enabled:
-                    self._export_lora(pipe, path)
-                save_pipeline_atomically(pipe, path, dtype)
+                    self._export_lora(pipe, path, dtype, source)
+                del source  # the source parts the export does not use (its UNet, for a full fine-tune)
+                extras = shipped_extras(m.pretrained, pipe.components, m.revision, m.variant) if m.pretrained else {}
+                save_pipeline_atomically(pipe, path, dtype, extras)
         self.acc.wait_for_everyone()
         return path
 
-    def _export_lora(self, pipe, path: Path) -> None:
-        """Adapters in both formats (``lora/``) and, in ``pipe``, merged copies for the full model folder."""
-        from .lora import LORA_DIR_NAME, export_lora, merged_copy
+    def _export_lora(self, pipe, path: Path, dtype: torch.dtype, source=None) -> None:
+        """Adapters in both formats (``lora/``, in ``dtype``) and, in ``pipe``, the adapted models merged in fp32 on
+        the CPU for the full model folder: into the ``source`` weights when given (the base was cast for compute),
+        so that folder equals the source model plus the exported adapters."""
+        from .lora import LORA_DIR_NAME, export_lora, merge_into, merged_copy
 
-        text_encoder = pipe.text_encoder if self.cfg.lora.text_encoder else None
-        export_lora(path.parent / LORA_DIR_NAME, pipe.unet, text_encoder)
-        pipe.unet = merged_copy(pipe.unet)
-        if text_encoder is not None:
-            pipe.text_encoder = merged_copy(text_encoder)
+        adapted = {"unet": pipe.unet, **({"text_encoder": pipe.text_encoder} if self.cfg.lora.text_encoder else {})}
+        export_lora(path.parent / LORA_DIR_NAME, adapted["unet"], adapted.get("text_encoder"), dtype)
+        for name, model in adapted.items():
+            setattr(pipe, name, merged_copy(model) if source is None else merge_into(getattr(source, name), model))
 
     def summary(self, model_dir: Path) -> dict:
         seconds = time.perf_counter() - self.clock[0]

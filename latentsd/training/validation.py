@@ -59,20 +59,24 @@ def validation_loss(trainer, batches) -> float:
     Deterministic: the same weights give the same number, so curves across runs are comparable.
     """
     from ..latents import encode
+    from .distributed import reshard
     from .losses import loss_target
 
     acc, sched, v = trainer.acc, trainer.scheduler, trainer.cfg.validation
     total, count = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
     unet = acc.unwrap_model(trainer.unet)
-    for batch in batches:
+    for batch in batches:  # the same number on every rank; padding samples have weight 0
         latents = encode(trainer.parts.vae, batch["pixel_values"].to(acc.device, trainer.weight_dtype), sample=False).float()
+        weight = batch.get("weight", torch.ones(latents.shape[0])).to(acc.device)
         embeds = trainer.prompts(batch["caption"]).to(latents.dtype)
         for t in v.loss_timesteps:
             noise = fixed_noise(latents.shape[1:], (v.seed, t), batch["index"], acc.device)
             timesteps = torch.full((latents.shape[0],), t, device=acc.device, dtype=torch.long)
             pred = unet(sched.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=embeds).sample
             target = loss_target(sched, latents, noise, timesteps, trainer.prediction_type)
-            total += torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="sum") / latents[0].numel()
-            count += latents.shape[0]
+            per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            total += (per_sample * weight).sum()
+            count += weight.sum()
+    reshard(unet)  # FSDP: drop the gathered weights, so the next forward sees the current (non-EMA) shards
     total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
     return (total / count.clamp(min=1)).item()
