@@ -7,13 +7,23 @@ import sys
 
 
 def _generate(args) -> None:
-    from .generate import generate_to_file, load_pipeline
+    from .generate import add_lora_and_embeddings, generate_to_file, load_pipeline
 
-    pipe = load_pipeline(args.model, scheduler=args.scheduler, device=args.device)
+    pipe = load_pipeline(args.model, scheduler=args.scheduler, device=args.device, allow_pickle=args.allow_pickle)
+    for token in add_lora_and_embeddings(pipe, args.lora, args.lora_scale, args.embedding, args.embedding_token):
+        print(f"loaded embedding {token!r}: use it in the prompt")
     out = generate_to_file(pipe, args.prompt, args.out, negative_prompt=args.negative_prompt, steps=args.steps,
                            guidance=args.guidance, seed=args.seed, num_images=args.num_images,
-                           height=args.height, width=args.width, eta=args.eta)
+                           height=args.height, width=args.width, eta=args.eta,
+                           long_prompts=args.long_prompts, prompt_weighting=args.prompt_weighting)
     print(f"saved {args.num_images} image(s) for {args.prompt!r} to {out}")
+
+
+def _export_single_file(args) -> None:
+    from .single_file import save_single_file
+
+    out = save_single_file(args.model, args.out, dtype=args.dtype)
+    print(f"wrote {args.model} as one {args.dtype} LDM-layout file (A1111 / ComfyUI) to {out}")
 
 
 def _init_model(args) -> None:
@@ -93,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate images from a prompt with a model folder or hub id")
     p.add_argument("prompt")
-    p.add_argument("--model", required=True, help="diffusers-layout model folder or hub id")
+    p.add_argument("--model", required=True,
+                   help="diffusers-layout model folder or hub id, or an SD-1/2 single file (A1111 .safetensors)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load a .ckpt/.pt single file (read with torch.load(weights_only=True)); trusted files only")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; 1 disables it")
@@ -101,8 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1, help="images for the prompt; >1 writes a grid")
     p.add_argument("--height", type=int, default=None, help="default: the model's native size")
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--scheduler", choices=("model", "ddpm", "ddim"), default="model",
-                   help="sampler: the folder's own scheduler (default), ours DDPM, or ours DDIM")
+    p.add_argument("--scheduler", default="model", metavar="NAME",
+                   help="sampler: 'model' (the folder's own, default) or an A1111 name, e.g. Euler, 'Euler a', "
+                        "'DPM++ 2M Karras', UniPC, Heun, LMS, DDIM, DDPM, PNDM (any case; '_' for spaces works)")
+    p.add_argument("--lora", default=None, metavar="PATH",
+                   help="LoRA weights: a diffusers/PEFT folder or .safetensors, or a kohya/A1111 .safetensors")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1; 0 = no effect)")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH",
+                   help="textual-inversion embedding (diffusers or A1111 file); repeat for several")
+    p.add_argument("--embedding-token", action="append", default=[], metavar="TOKEN",
+                   help="the token for each --embedding (default: the file's own; A1111 files: the file name)")
+    p.add_argument("--long-prompts", action="store_true",
+                   help="encode prompts longer than 77 tokens in 75-token chunks (default: truncate, as diffusers)")
+    p.add_argument("--prompt-weighting", action="store_true",
+                   help="A1111 weights: (word:1.3), (word) x1.1, [word] /1.1, \\( \\) for literal brackets, BREAK")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="out.png", help="output PNG (a .json sidecar lists the prompts)")
@@ -145,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=2.0)
     p.set_defaults(run=_eval_shapes)
 
+    p = sub.add_parser("export-single-file", help="write a model folder as one A1111/ComfyUI .safetensors file")
+    p.add_argument("--model", required=True, help="diffusers-layout model folder")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="weight dtype (default fp32)")
+    p.set_defaults(run=_export_single_file)
+
     p = sub.add_parser("init-model", help="save a randomly initialised model from a model config")
     p.add_argument("--config", default="tiny", help="configs/models/NAME.yaml or a YAML path (default tiny)")
     p.add_argument("--out", required=True, help="folder to write (diffusers layout)")
@@ -157,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: say what is wrong, no traceback
+    except (ValueError, FileNotFoundError, ImportError) as err:  # bad input or a missing optional package
         print(f"latentsd {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

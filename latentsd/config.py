@@ -191,6 +191,7 @@ class ExportConfig:
 
     every_checkpoint: bool = opt(False, "also export a diffusers pipeline next to every checkpoint")
     dtype: Literal["fp32", "fp16", "bf16"] = opt("fp32", "weight dtype of the final export")
+    single_file: bool = opt(False, "also write each export as one A1111/ComfyUI .safetensors file (model.safetensors beside model/)")
 
 
 @dataclass

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-SCHEDULERS = ("ddpm", "ddim", "model")
+MODEL_SCHEDULER = "model"  # --scheduler default: the folder's own scheduler; else a name from samplers.SAMPLERS
 
 
 def default_device() -> str:
@@ -14,28 +14,90 @@ def default_device() -> str:
 
 
 def load_pipeline(model: str, scheduler: str = "model", device: str | None = None,
-                  dtype: torch.dtype = torch.float32):
-    """A ``LatentDiffusionPipeline`` from a diffusers-layout folder / hub id, with the chosen scheduler."""
-    from .pipeline import LatentDiffusionPipeline
-    from .schedulers import DDIMScheduler, DDPMScheduler
+                  dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
+    """A ``LatentDiffusionPipeline`` from a diffusers-layout folder / hub id, with the chosen scheduler.
 
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}: use one of {SCHEDULERS}")
-    pipe = LatentDiffusionPipeline.from_pretrained(model, dtype=dtype)
-    if scheduler != "model":
-        cls = DDPMScheduler if scheduler == "ddpm" else DDIMScheduler
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    ``scheduler``: ``"model"`` (the folder's own) or a sampler name (``"Euler a"``, ``"DPM++ 2M Karras"``, ``"ddim"``
+    ...: ``latentsd.samplers``), built from the folder's scheduler config.
+    ``model`` may also be an LDM single file (``.safetensors``; pickles only with ``allow_pickle``).
+    """
+    from .pipeline import LatentDiffusionPipeline
+    from .samplers import check_requirements, make_scheduler
+    from .single_file import is_single_file
+
+    own = scheduler.lower() == MODEL_SCHEDULER
+    if not own:
+        check_requirements(scheduler)  # an unknown name or a missing package fails before the model loads
+    if is_single_file(model):
+        pipe = LatentDiffusionPipeline.from_single_file(model, dtype=dtype, allow_pickle=allow_pickle)
+    else:
+        pipe = LatentDiffusionPipeline.from_pretrained(model, dtype=dtype)
+    if not own:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     return pipe.to(device or default_device())
+
+
+def add_lora_and_embeddings(pipe, lora: str | None = None, lora_scale: float = 1.0,
+                            embeddings: list[str] = (), embedding_tokens: list[str] = ()) -> list[str]:
+    """Load a LoRA at ``lora_scale`` and textual-inversion embeddings into ``pipe``; returns the new tokens.
+
+    ``lora``: a diffusers/PEFT folder or file, or a kohya/A1111 ``.safetensors`` (``load_lora_weights``); the
+    scale is the adapter weight (``set_adapters``), which equals diffusers' ``cross_attention_kwargs={"scale": s}``.
+    ``embedding_tokens``: none (each file names its token) or one per embedding.
+    """
+    if lora is None and lora_scale != 1.0:
+        raise ValueError("--lora-scale needs --lora PATH")
+    if embedding_tokens and len(embedding_tokens) != len(embeddings):
+        raise ValueError(f"got {len(embedding_tokens)} --embedding-token for {len(embeddings)} --embedding: "
+                         "pass none (each file names its token) or one per embedding")
+    if lora is not None:
+        from .loaders import load_lora_into_pipeline
+
+        load_lora_into_pipeline(pipe, lora, scale=lora_scale)
+    return [load_embedding(pipe, path, token) for path, token in
+            zip(embeddings, list(embedding_tokens) or [None] * len(embeddings))]
+
+
+def load_embedding(pipe, path: str | Path, token: str | None = None) -> str:
+    """Add a textual-inversion embedding (one or more vectors) to ``pipe``'s tokenizer and text encoder.
+
+    Formats: diffusers (``{"<token>": [n, D]}`` in a ``.safetensors`` / ``.bin`` file, or a folder with
+    ``learned_embeds.safetensors``) and A1111 (``emb_params`` in a ``.safetensors``, whose token is the file
+    name as in A1111; ``string_to_param`` in a ``.pt``). ``token`` overrides the file's. Returns the token.
+    """
+    path = Path(path)
+    usage = "pass a textual-inversion .safetensors / .bin / .pt file or a folder with learned_embeds.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"embedding {path} does not exist: {usage}")
+    if path.is_dir() and not any((path / f"learned_embeds.{ext}").is_file() for ext in ("safetensors", "bin")):
+        raise FileNotFoundError(f"{path} has no learned_embeds.safetensors or learned_embeds.bin: {usage}")
+    if path.is_file() and path.suffix not in (".safetensors", ".bin", ".pt"):
+        raise ValueError(f"{path} is not an embedding file: {usage}")
+    if token is None and path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            token = path.stem if list(f.keys()) == ["emb_params"] else None
+    vocab = set(pipe.tokenizer.get_vocab())
+    pipe.load_textual_inversion(str(path), token=token)
+    added = sorted(set(pipe.tokenizer.get_vocab()) - vocab, key=pipe.tokenizer.convert_tokens_to_ids)
+    return added[0]
 
 
 def generate_to_file(pipe, prompt: str, out: str | Path, negative_prompt: str | None = None,
                      steps: int = 50, guidance: float = 7.5, seed: int = 0, num_images: int = 1,
-                     height: int | None = None, width: int | None = None, eta: float = 0.0) -> Path:
-    """Generate ``num_images`` for one prompt with a seeded generator and save them (a grid when > 1)."""
-    from .images import save_images
+                     height: int | None = None, width: int | None = None, eta: float = 0.0,
+                     long_prompts: bool = False, prompt_weighting: bool = False) -> Path:
+    """Generate ``num_images`` for one prompt with a seeded generator and save them (a grid when > 1).
 
+    ``long_prompts``: 75-token chunks instead of diffusers' 77-token truncation; ``prompt_weighting``: A1111
+    ``(word:1.3)`` weights (both: ``LatentDiffusionPipeline.__call__``)."""
+    from .images import save_images
+    from .samplers import check_steps
+
+    check_steps(pipe.scheduler, steps)
     generator = torch.Generator(pipe.device).manual_seed(seed)
     images = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                   num_images_per_prompt=num_images, height=height, width=width, generator=generator,
-                  eta=eta).images
+                  eta=eta, long_prompts=long_prompts, prompt_weighting=prompt_weighting).images
     return save_images(images, [prompt] * len(images), out)

@@ -11,13 +11,13 @@ from safetensors import safe_open
 
 from latentsd.config import LoRAConfig
 from latentsd.models import build_components
+from latentsd.loaders import load_lora_into_pipeline
 from latentsd.pipeline import LatentDiffusionPipeline
 from latentsd.training.lora import (
     DIFFUSERS_WEIGHT_NAME,
     KOHYA_WEIGHT_NAME,
     add_lora,
     export_lora,
-    load_lora_into_pipeline,
     lora_parameters,
     lora_state_dicts,
     merged_copy,

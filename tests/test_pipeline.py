@@ -51,7 +51,7 @@ def test_images_equal_diffusers_stable_diffusion_pipeline(tiny, sched, call):
 
 def test_prompt_embeds_and_latents_inputs(tiny):
     pipe, _ = _pipes(tiny, DDIMScheduler.from_config(tiny.scheduler.config))
-    embeds, neg = pipe.encode_prompt(PROMPTS, guidance=True)
+    embeds, neg = pipe.encode_prompt(PROMPTS, "cpu", 1, True)  # diffusers' signature
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     by_text = pipe(PROMPTS, latents=latents, num_inference_steps=4, output_type="np").images
     by_embeds = pipe(prompt_embeds=embeds, negative_prompt_embeds=neg, latents=latents, num_inference_steps=4,
@@ -76,7 +76,15 @@ def test_callback_sees_every_step_and_can_edit_latents(tiny):
     assert seen == pipe.scheduler.timesteps.tolist() and not out.any()
 
 
-def test_sampling_loop_never_syncs_with_the_host(tiny, monkeypatch):
+NO_SYNC_CALLS = {
+    "plain": {"prompt": "a red circle"},
+    "long-prompts-masked": {"prompt": ["a red circle", "a blue square " * 30], "long_prompts": True,
+                            "negative_prompt": "blurry", "guidance_rescale": 0.5},
+}
+
+
+@pytest.mark.parametrize("call", NO_SYNC_CALLS)
+def test_sampling_loop_never_syncs_with_the_host(tiny, monkeypatch, call):
     """No .item() / tensor truthiness inside the loop: the loop can be compiled or graph-captured."""
     pipe, _ = _pipes(tiny, DDPMScheduler.from_config(tiny.scheduler.config))
     pipe.scheduler.set_timesteps(4)
@@ -89,7 +97,7 @@ def test_sampling_loop_never_syncs_with_the_host(tiny, monkeypatch):
         calls.append(i)
         return {}
 
-    pipe("a red circle", num_inference_steps=4, callback_on_step_end=guard, output_type="latent",
+    pipe(**NO_SYNC_CALLS[call], num_inference_steps=4, callback_on_step_end=guard, output_type="latent",
          generator=torch.Generator().manual_seed(0))
     monkeypatch.undo()
     assert calls == [0, 1, 2, 3]

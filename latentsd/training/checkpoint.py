@@ -15,12 +15,12 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
 from ..config import save_config
+from ..io import write_dir_atomically
 
 logger = logging.getLogger(__name__)
 PATTERN = re.compile(r"^step-(\d+)$")
@@ -83,21 +83,6 @@ def _prune(output_dir: str | Path, keep: int) -> None:
     if keep > 0:
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
-
-
-def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
-    """Write into a hidden temp folder, then rename over ``final``: readers never see half a folder."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    old = final.parent / f".old-{final.name}-{os.getpid()}"
-    if final.exists():  # os.replace cannot overwrite a non-empty folder: move the old one aside first
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def save_pipeline_atomically(pipe, path: Path, dtype: torch.dtype, extras: dict | None = None) -> None:

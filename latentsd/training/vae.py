@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from ..config import load_config, opt, save_config
 from ..models import load_model_config
-from .checkpoint import checkpoint_dir, list_checkpoints, resolve_resume, write_dir_atomically
+from ..io import write_dir_atomically
+from .checkpoint import checkpoint_dir, list_checkpoints, resolve_resume
 
 __all__ = [
     "VAETrainConfig",
