@@ -7,6 +7,8 @@ _EXPORTS = {
     "DDPMScheduler": "latentsd.schedulers",
     "DDIMScheduler": "latentsd.schedulers",
     "LatentDiffusionPipeline": "latentsd.pipeline",
+    "LatentDiffusionImg2ImgPipeline": "latentsd.img2img",
+    "LatentDiffusionInpaintPipeline": "latentsd.inpaint",
     "PromptEncoder": "latentsd.text",
     "build_components": "latentsd.models",
     "load_components": "latentsd.models",
