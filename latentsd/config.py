@@ -20,7 +20,6 @@ import difflib
 import functools
 import os
 import re
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .errors import UserError
 from .resources import shipped_config, shipped_configs
 
 __all__ = [
@@ -57,19 +57,22 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file, dict or override is invalid; the message names the dotted key and the fix."""
 
 
 # --------------------------------------------------------------------------- field helpers
 
 
-def opt(default: Any, help: str) -> Any:
-    """Declare a config field with a default and a one-line help string (shown by :func:`config_help`)."""
+def opt(default: Any, help: str, path: bool = False) -> Any:
+    """Declare a config field with a default and a one-line help string (shown by :func:`config_help`).
+
+    ``path=True``: the value is a filesystem path (or hub id); a leading ``~`` is expanded when it is loaded."""
+    metadata = {"help": help, "path": path}
     if isinstance(default, (list, dict, set)):
         # mutable defaults must be copied per instance
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def section(cls: type, help: str) -> Any:
@@ -97,8 +100,8 @@ REPORT_TO = ("none", "all", "tensorboard", "wandb", "trackio", "comet_ml", "aim"
 class ModelConfig:
     """What to train: a pretrained diffusers folder/hub id, or a model config to build from scratch."""
 
-    pretrained: str = opt("", "diffusers-layout folder or hub id; empty = build from `config`")
-    config: str = opt("tiny", "model config name (latentsd/configs/models/, shipped in the package) or a YAML path (used when pretrained is empty)")
+    pretrained: str = opt("", "diffusers-layout folder or hub id; empty = build from `config`", path=True)
+    config: str = opt("tiny", "model config name (latentsd/configs/models/, shipped in the package) or a YAML path (used when pretrained is empty)", path=True)
     revision: Optional[str] = opt(None, "hub revision (branch, tag or commit) of `pretrained`")
     variant: Optional[str] = opt(None, "weights variant of `pretrained`, e.g. fp16")
     train_text_encoder: bool = opt(False, "also train the text encoder (otherwise frozen)")
@@ -107,7 +110,8 @@ class ModelConfig:
     prediction_type: Optional[Literal["epsilon", "v_prediction", "sample"]] = opt(
         None, "training target; null = follow the noise scheduler config"
     )
-    vae: str = opt("", "diffusers AutoencoderKL folder (or a model folder with vae/) replacing the model's VAE")
+    vae: str = opt("", "diffusers AutoencoderKL folder (or a model folder with vae/) replacing the model's VAE", path=True)
+    allow_pickle: bool = opt(False, "also read pickled .bin weights of `pretrained` / `vae` (torch.load(weights_only=True)); trusted files only")
 
     def check(self):
         if self.config.strip() == "" and self.pretrained.strip() == "":
@@ -118,7 +122,7 @@ class ModelConfig:
 class DataConfig:
     """Where the image/caption pairs come from and how they are augmented."""
 
-    dataset: str = opt("", "hub id, local imagefolder dir, or a local .parquet/.arrow/.csv/.json/.jsonl file")
+    dataset: str = opt("", "hub id, local imagefolder dir, or a local .parquet/.arrow/.csv/.json/.jsonl file", path=True)
     split: str = opt("train", "dataset split to train on")
     image_column: Optional[str] = opt(None, "image column; null = auto-detect")
     caption_column: Optional[str] = opt(None, "caption column (string or list of strings); null = auto-detect")
@@ -133,6 +137,8 @@ class DataConfig:
     buckets: bool = opt(False, "aspect-ratio bucketing: batch images of similar aspect at ~resolution² pixels, uncropped")
     bucket_step: int = opt(64, "bucket sides are multiples of this many pixels")
     bucket_max_aspect: float = opt(2.0, "widest/tallest bucket aspect ratio")
+    missing_caption: Literal["empty", "error"] = opt(
+        "empty", "a row without a caption: 'empty' trains it with '' (counted, warned once), 'error' stops and names the rows")
 
     def check(self):
         if not self.dataset.strip():
@@ -164,6 +170,8 @@ class OptimConfig:
     scale_lr: bool = opt(False, "multiply learning_rate by batch size * accumulation * processes")
     train_batch_size: int = opt(1, "batch size per process (per GPU)")
     use_8bit_adam: bool = opt(False, "bitsandbytes 8-bit AdamW (needs bitsandbytes + CUDA)")
+    max_nonfinite_steps: int = opt(5, "stop the run (naming the last good checkpoint) after this many optimizer steps "
+                                      "in a row with a NaN/inf loss or gradient norm; each is skipped (0: never stop)")
 
     def check(self):
         if self.learning_rate <= 0:
@@ -177,6 +185,8 @@ class OptimConfig:
             yield "adam_epsilon", f"must be > 0, got {self.adam_epsilon}"
         if self.max_grad_norm <= 0:
             yield "max_grad_norm", f"must be > 0, got {self.max_grad_norm}"
+        if self.max_nonfinite_steps < 0:
+            yield "max_nonfinite_steps", f"must be >= 0 (0: never stop), got {self.max_nonfinite_steps}"
         if self.lr_warmup_steps < 0:
             yield "lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}"
         if self.gradient_accumulation_steps < 1:
@@ -261,7 +271,7 @@ class CacheConfig:
 
     latents: bool = opt(False, "cache VAE latents (needs a frozen VAE; flips cached as a second variant)")
     text: bool = opt(False, "cache text-encoder outputs (needs a frozen text encoder)")
-    dir: str = opt("", "cache folder; empty = <output_dir>/cache (share it between runs to reuse entries)")
+    dir: str = opt("", "cache folder; empty = <output_dir>/cache (share it between runs to reuse entries)", path=True)
     shard_size: int = opt(1024, "entries per shard file")
 
     def check(self):
@@ -291,16 +301,20 @@ class ValidationConfig:
             yield "holdout", f"must be >= 0, got {self.holdout}"
 
 
+RESUME_WORDS = ("none", "latest", "latest_or_fail")  # any other `resume` value is a checkpoint path
+
+
 @dataclass
 class TrainConfig:
     """Top-level training config. Add a section with one line: ``name: Cls = section(Cls, "help")``."""
 
-    output_dir: str = opt("outputs/run", "run directory: checkpoints, logs, resolved config, exports")
+    output_dir: str = opt("outputs/run", "run directory: checkpoints, logs, resolved config, exports", path=True)
     seed: int = opt(0, "global seed (model init, noise, data order and augmentation)")
     max_steps: int = opt(1000, "total optimizer steps")
     checkpoint_every: int = opt(500, "save a resumable checkpoint every N optimizer steps")
     checkpoints_total_limit: int = opt(3, "keep only the last K checkpoints; 0 = keep all")
-    resume: str = opt("none", "'none', 'latest' (newest checkpoint in output_dir) or a checkpoint path")
+    resume: str = opt("none", "'none', 'latest' (newest checkpoint in output_dir; none there: a warning, fresh start), "
+                              "'latest_or_fail' (none there: an error) or a checkpoint path", path=True)
     mixed_precision: Literal["no", "fp16", "bf16"] = opt("no", "autocast precision (bf16 on Ampere+)")
     log_every: int = opt(10, "log loss/lr every N optimizer steps")
     report_to: str = opt("none", "tracker: " + ", ".join(REPORT_TO))
@@ -327,8 +341,8 @@ class TrainConfig:
         if not self.output_dir.strip():
             yield "output_dir", "is empty: set a run directory, e.g. output_dir=outputs/my_run"
         if not self.resume.strip():
-            yield "resume", "is empty: use 'none', 'latest' or a checkpoint directory path"
-        elif self.resume.strip().lower() in ("none", "latest") and self.resume not in ("none", "latest"):
+            yield "resume", "is empty: use 'none', 'latest', 'latest_or_fail' or a checkpoint directory path"
+        elif self.resume.strip().lower() in RESUME_WORDS and self.resume not in RESUME_WORDS:
             yield "resume", f"got {self.resume!r}: write it lowercase ({self.resume.strip().lower()!r})"
         if self.report_to not in REPORT_TO:
             yield "report_to", f"must be one of {', '.join(map(repr, REPORT_TO))}, got {self.report_to!r}"
@@ -493,6 +507,8 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
         if k not in fields:
             raise _unknown_key(prefix, str(k), list(fields))
         kwargs[k] = _coerce(v, hints[k], prefix + k)
+        if fields[k].metadata.get("path") and isinstance(kwargs[k], str):
+            kwargs[k] = os.path.expanduser(kwargs[k])
     return cls(**kwargs)
 
 
@@ -610,7 +626,7 @@ def load_config(
 
 def _config_path(path_or_name: Union[str, os.PathLike]) -> Path:
     """A YAML path, or the name of a shipped train config (``tiny`` → latentsd/configs/train/tiny.yaml)."""
-    path = Path(path_or_name)
+    path = Path(path_or_name).expanduser()
     if path.is_file():
         return path
     shipped = shipped_config("train", os.fspath(path_or_name))
@@ -649,22 +665,11 @@ def dump_config(cfg: Any) -> str:
 
 
 def save_config(cfg: Any, path: Union[str, os.PathLike]) -> Path:
-    """Write the resolved config as YAML atomically (temp file + fsync + os.replace); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("# resolved latentsd config; reload with latentsd.config.load_config(this_file)\n")
-            f.write(dump_config(cfg))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write the resolved config as YAML atomically (:mod:`latentsd.io`); returns the path."""
+    from .io import write_text_atomically
+
+    header = "# resolved latentsd config; reload with latentsd.config.load_config(this_file)\n"
+    return write_text_atomically(path, header + dump_config(cfg))
 
 
 def config_help(cls: type = TrainConfig, prefix: str = "") -> str:

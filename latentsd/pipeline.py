@@ -41,18 +41,20 @@ class LatentDiffusionPipeline(LatentDiffusionBase):
         """diffusers' signature (``callback_steps`` is refused by ``__call__``), plus keyword-only checks of the other
         arguments; each error says what to change."""
         self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        factor = self.vae_scale_factor
         for name, value in (("height", height), ("width", width)):
-            if value % self.vae_scale_factor:
-                lower = value - value % self.vae_scale_factor
-                raise ValueError(f"`{name}`={value} must be divisible by {self.vae_scale_factor}: use {lower} or "
-                                 f"{lower + self.vae_scale_factor}")
+            if value < factor or value % factor:
+                near = max(factor, value - value % factor)
+                raise ValueError(f"`{name}`={value} must be a positive multiple of {factor} (divisible by {factor}): "
+                                 f"use {near}{f' or {near + factor}' if value > factor else ''}, or leave it out for "
+                                 "the model's native size")
         if timesteps is None and sigmas is None and (num_inference_steps is None or num_inference_steps < 1):
             raise ValueError(f"`num_inference_steps` must be >= 1 (or pass `timesteps` / `sigmas`), got "
                              f"{num_inference_steps}")
         if num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}")
-        if guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be >= 0 (1 disables guidance), got {guidance_scale}")
+        if not 0 <= guidance_scale < float("inf"):  # NaN fails every comparison
+            raise ValueError(f"`guidance_scale` must be a finite number >= 0 (1 disables guidance), got {guidance_scale}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown `output_type` {output_type!r}: use one of {OUTPUT_TYPES}")
         unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import IPAdapterMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
@@ -26,7 +26,8 @@ from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscal
 from diffusers.utils.torch_utils import randn_tensor
 
 from .latents import decode
-from .models import as_our_scheduler, check_model_folder
+from .errors import UserError
+from .models import as_our_scheduler, check_model_folder, load_errors, weights_kwargs
 from .text import PromptEncoder
 
 logger = logging.get_logger(__name__)
@@ -51,6 +52,15 @@ class Conditioning:
     attention_mask: torch.Tensor | None = None
     added_cond_kwargs: dict | None = None  # IP-Adapter image embeddings
     timestep_cond: torch.Tensor | None = None  # guidance embedding of guidance-distilled (LCM) UNets
+
+
+def find_nonfinite_images(image: torch.Tensor) -> list[int]:
+    """Indices of the decoded images holding NaN/inf, with a warning (postprocessing would turn them black)."""
+    bad = (~torch.isfinite(image).flatten(1).all(1)).nonzero().flatten().tolist()
+    if bad:
+        logger.warning(f"image(s) {bad} of {len(image)} have NaN/inf pixels and come out black: the model's weights "
+                       "are NaN/inf (a diverged training run?) or the computation overflowed (fp16: try fp32)")
+    return bad
 
 
 def as_list(prompt: str | list[str] | None, n: int) -> list[str]:
@@ -81,8 +91,9 @@ class LatentDiffusionBase(DiffusionPipeline, StableDiffusionMixin, TextualInvers
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     diffusers_class_name = "StableDiffusionPipeline"  # what model_index.json names, so diffusers loads our folders
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
-                 image_encoder=None, requires_safety_checker: bool = False):
+    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel, scheduler,
+                 safety_checker=None, feature_extractor=None, image_encoder=None,
+                 requires_safety_checker: bool = False):
         super().__init__()
         if safety_checker is not None and feature_extractor is None:
             raise ValueError("a `safety_checker` needs its `feature_extractor` (a CLIPImageProcessor): pass both, "
@@ -99,10 +110,18 @@ class LatentDiffusionBase(DiffusionPipeline, StableDiffusionMixin, TextualInvers
 
     # ---- loading and saving -------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load a diffusers-layout folder or hub id; diffusers' DDPM/DDIM become ours, others stay as they are."""
-        check_model_folder(str(pretrained_model_name_or_path))
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, allow_pickle: bool = False, **kwargs):
+        """Load a diffusers-layout folder or hub id; diffusers' DDPM/DDIM become ours, others stay as they are.
+
+        Safetensors weights only, unless ``allow_pickle=True`` (then ``.bin`` too, read with
+        ``torch.load(weights_only=True)``). ``~`` is expanded; a local-looking path that does not exist is an error
+        naming it, never a hub lookup (:mod:`latentsd.paths`)."""
+        if kwargs.get("use_safetensors") is False and not allow_pickle:
+            raise UserError("use_safetensors=False loads pickled .bin weights: pass allow_pickle=True too (only for "
+                            "files you trust)")
+        src = check_model_folder(str(pretrained_model_name_or_path), allow_pickle)
+        with load_errors(src):
+            pipe = super().from_pretrained(src, **{**weights_kwargs(allow_pickle), **kwargs})
         pipe.scheduler = as_our_scheduler(pipe.scheduler)
         return pipe
 
@@ -111,7 +130,7 @@ class LatentDiffusionBase(DiffusionPipeline, StableDiffusionMixin, TextualInvers
         """Load an SD-1.x/2.x LDM single file (A1111 / ComfyUI ``.safetensors``) offline: ``latentsd.single_file``."""
         from .single_file import load_single_file
 
-        return load_single_file(path, pipeline_class=cls, **kwargs)
+        return load_single_file(Path(path).expanduser(), pipeline_class=cls, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
         """Write a folder that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads unchanged (optional
@@ -145,7 +164,9 @@ class LatentDiffusionBase(DiffusionPipeline, StableDiffusionMixin, TextualInvers
     def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         size = self.unet.config.sample_size
         size_h, size_w = (size, size) if isinstance(size, int) else size
-        return height or size_h * self.vae_scale_factor, width or size_w * self.vae_scale_factor
+        # None (not 0, unlike diffusers' `height or ...`) means the native size: 0 is an error in check_inputs
+        return (size_h * self.vae_scale_factor if height is None else height,
+                size_w * self.vae_scale_factor if width is None else width)
 
     # diffusers' own methods, used as they are (they only read components this class has)
     encode_image = StableDiffusionPipeline.encode_image
@@ -289,15 +310,27 @@ class LatentDiffusionBase(DiffusionPipeline, StableDiffusionMixin, TextualInvers
         for i, t in enumerate(self.progress_bar(timesteps)):
             if self.interrupt:
                 break
-            noise_pred = self.predict_noise(state, t, cond, model_input)
-            state["latents"] = self.scheduler.step(noise_pred, t, state["latents"], **extra_step_kwargs,
-                                                   return_dict=False)[0]
+            state["latents"] = self.denoise_step(state, t, cond, extra_step_kwargs, model_input)
             if after_step is not None:
                 state["latents"] = after_step(i, t, state)
             if callback_on_step_end is not None:
                 out = callback_on_step_end(self, i, t, {k: state[k] for k in callback_on_step_end_tensor_inputs})
                 state.update({k: v for k, v in out.items() if k in state})
         return state["latents"]
+
+    def denoise_step(self, state: dict, t, cond: Conditioning, extra_step_kwargs: dict,
+                     model_input: Hook | None = None) -> torch.Tensor:
+        """One step: the guided noise prediction, then the scheduler's step; returns the new latents.
+        :meth:`optimize` replaces it with one compiled graph."""
+        noise_pred = self.predict_noise(state, t, cond, model_input)
+        return self.scheduler.step(noise_pred, t, state["latents"], **extra_step_kwargs, return_dict=False)[0]
+
+    def optimize(self, **options):
+        """Opt-in fast mode (``latentsd.fast.optimize``): compiled denoising step and VAE decoder, channels_last,
+        fused QKV, CUDA graphs on CUDA, compile artefacts cached between processes. Returns the pipeline."""
+        from .fast import optimize
+
+        return optimize(self, **options)
 
     def predict_noise(self, state: dict, t, cond: Conditioning, model_input: Hook | None = None) -> torch.Tensor:
         """The guided noise prediction for one step (guidance read each step: a callback may change it)."""
@@ -320,11 +353,18 @@ class LatentDiffusionBase(DiffusionPipeline, StableDiffusionMixin, TextualInvers
         return noise_pred
 
     # ---- latents → images ---------------------------------------------------------------------------
+    @property
+    def nonfinite_images(self) -> list[int]:
+        """Indices of the last call's images with NaN/inf pixels (warned about; they come out black)."""
+        return getattr(self, "_nonfinite_images", [])
+
     def latents_to_images(self, latents, output_type: str, generator=None) -> tuple[Any, list[bool] | None]:
         """Decode, run the safety checker when there is one (flagged images come back black), postprocess."""
+        self._nonfinite_images = []
         if output_type == "latent":
             return latents, None
         image = decode(self.vae, latents, generator=generator)
+        self._nonfinite_images = find_nonfinite_images(image)  # one host sync, after the loop
         checker_dtype = self.safety_checker.dtype if self.safety_checker is not None else None
         image, nsfw = self.run_safety_checker(image, self._execution_device, checker_dtype)
         denormalize = None if nsfw is None else [not flagged for flagged in nsfw]

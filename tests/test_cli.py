@@ -41,6 +41,9 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tiny_model_dir, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and "divisible by 8" in err and "Traceback" not in err
     assert main(["generate", "x", "--model", str(tmp_path / "missing")]) == 2
+    assert "missing' does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["generate", "x", "--model", str(tmp_path / "empty")]) == 2
     assert "not a diffusers-layout model folder" in capsys.readouterr().err
 
 
@@ -78,3 +81,12 @@ def test_score_shapes_on_a_generated_grid_and_a_bad_path(tiny_model_dir, tmp_pat
     (tmp_path / "empty").mkdir()
     assert main(["score-shapes", str(tmp_path / "empty")]) == 2
     assert "metadata.jsonl" in capsys.readouterr().err
+
+
+def test_debug_flag_after_the_command_reraises_and_help_exits_0(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="models/nope' does not exist"):
+        main(["generate", "x", "--model", "models/nope", "--debug"])
+    assert main(["--help"]) == 0 and "--debug" in capsys.readouterr().out
+    assert main(["generate", "x"]) == 2  # argparse's usage error (no --model), returned, not raised
+    assert "the following arguments are required: --model" in capsys.readouterr().err

@@ -413,3 +413,88 @@ def test_samples_independent_of_worker_count(root):
 
     for a, b in zip(run(0), run(2)):
         assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["caption"] == b["caption"]
+
+
+# --------------------------------------------------------------------------- bad text, missing captions, all-bad images
+
+
+def _jsonl_folder(folder: Path, rows: list[bytes]) -> Path:
+    _write_images(folder)
+    (folder / "metadata.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    return folder
+
+
+def test_json_array_table_passes_the_line_check(root, tmp_path):
+    """A .json file holding one JSON array (not JSON lines) is valid: the check must not call it broken."""
+    rows = [{"image": f"{root}/imgs/{n}", "text": c} for (n, *_), c in zip(IMAGES, CAPTIONS)]
+    (tmp_path / "table.json").write_text(json.dumps(rows, indent=2))
+    hf = load_caption_dataset(dcfg(tmp_path / "table.json"), cache_dir=str(tmp_path / "hf_cache"))
+    assert hf["text"] == CAPTIONS == datasets.load_dataset("json", data_files=str(tmp_path / "table.json"),
+                                                           split="train", cache_dir=str(tmp_path / "c2"))["text"]
+
+
+@pytest.mark.parametrize("line, fragment", [(b"[1, 2]", "a list, not an object"),
+                                            (b'{"file_name": "a.png", "text": "x"', "Expecting ',' delimiter"),
+                                            (b'{"file_name": "a.png", "text": "\xff"}', "not UTF-8")])
+def test_bad_metadata_line_names_file_and_line(line, fragment, tmp_path):
+    names = [n for n, *_ in IMAGES]
+    good = [json.dumps({"file_name": n, "text": c}).encode() for n, c in zip(names, CAPTIONS)]
+    folder = _jsonl_folder(tmp_path / "f", good[:3] + [line] + good[3:])
+    with pytest.raises(ValueError, match="metadata.jsonl") as err:
+        load_caption_dataset(dcfg(folder))
+    assert "line 4" in str(err.value) and fragment in str(err.value)
+
+
+def test_missing_caption_rows_nulls_and_empty_lists():
+    from latentsd.data.validate import missing_caption_rows
+
+    lists = datasets.Dataset.from_dict({"text": [["a"], [], None, ["b", "c"], []]})
+    plain = datasets.Dataset.from_dict({"text": ["a", None, "", None]})
+    assert missing_caption_rows(lists, "text") == [1, 2, 4]
+    assert missing_caption_rows(plain, "text") == [1, 3]  # "" is a caption: the empty one, on purpose
+    assert missing_caption_rows(plain.select([3, 0, 1]), "text") == [0, 2]  # indices of the view, not the table
+
+
+def _no_caption_folder(tmp_path: Path) -> Path:
+    names = [n for n, *_ in IMAGES]
+    rows = [json.dumps({"file_name": n, **({"text": c} if i != 2 else {})}).encode()
+            for i, (n, c) in enumerate(zip(names, CAPTIONS))]
+    return _jsonl_folder(tmp_path / "nocap", rows)
+
+
+def test_streaming_missing_caption_counted_or_refused(tmp_path):
+    folder = _no_caption_folder(tmp_path)
+    samples = list(build_train_dataset(dcfg(folder, streaming=True, shuffle=False)))
+    assert [s["caption"] for s in samples] == [c if i != 2 else "" for i, c in enumerate(CAPTIONS)]
+    strict = build_train_dataset(dcfg(folder, streaming=True, shuffle=False, missing_caption="error"))
+    with pytest.raises(ValueError, match=r"have no caption: row 2 \(.*gray.png\)"):
+        list(strict)
+
+
+def test_all_unreadable_images_is_an_error_naming_them(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(b"")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": "x"}) + "\n"
+                                                   for i in range(3)))
+    for streaming in (False, True):
+        ds = build_train_dataset(dcfg(folder, streaming=streaming, shuffle=False))
+        with pytest.raises(ValueError, match=r"none of the 3 images could be read \(the first: .*0\.png, .*1\.png"):
+            ds[0] if not streaming else list(ds)
+
+
+@pytest.mark.parametrize("name, make, rgb", [
+    ("one_pixel.png", lambda: Image.new("RGB", (1, 1), (255, 0, 0)), (255, 0, 0)),
+    ("cmyk.jpg", lambda: Image.new("CMYK", (20, 10), (0, 255, 255, 0)), (255, 0, 0)),
+    ("sixteen_bit.png", lambda: Image.new("I;16", (9, 9), 65535), (255, 255, 255)),
+    ("huge.png", lambda: Image.new("L", (12000, 12000), 128), (128, 128, 128)),  # over PIL's bomb warning limit
+])
+def test_odd_images_are_read_and_converted(name, make, rgb, tmp_path):
+    from latentsd.data.datasets import open_image
+
+    make().save(tmp_path / name)
+    pixels, info = ImageTransform(resolution=RES)(open_image(str(tmp_path / name)), torch.Generator().manual_seed(0))
+    assert pixels.shape == (3, RES, RES)
+    expected = torch.tensor(rgb, dtype=torch.float32)[:, None, None] / 127.5 - 1
+    torch.testing.assert_close(pixels, expected.expand(3, RES, RES), atol=2 / 255, rtol=0)

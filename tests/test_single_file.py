@@ -434,7 +434,7 @@ def test_cli_pickles_need_allow_pickle(tiny_model_dir, tmp_path, capsys):
     assert "SD's conventions" in capsys.readouterr().err
     missing = ["export-single-file", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o.safetensors")]
     assert main(missing) == 2
-    assert "not a diffusers-layout model folder" in capsys.readouterr().err
+    assert "missing' does not exist" in capsys.readouterr().err
 
 
 def test_the_trainer_writes_the_export_as_a_single_file_too(tmp_path, tiny_model_dir):

@@ -10,6 +10,11 @@
   ``torch.Generator`` seeded by ``(seed, epoch, index)``: independent of worker count
   and of where a run was resumed.
 * :func:`collate` batches samples for a standard ``DataLoader``.
+* Bad data (:mod:`latentsd.data.validate`): local text files that are not UTF-8 or not JSON are errors naming
+  the file and line, before ``datasets`` parses them; rows without a caption train with ``""`` (counted in
+  ``data_issues``, warned once) or are an error (``data.missing_caption=error``); unreadable images are skipped
+  and counted, and a dataset with no readable image is an error naming the first files. :func:`data_issues`
+  gives the counts by reason for a run's summary (streamed datasets count in the process that reads them).
 
 Caption dropout replaces the caption by exactly ``""``: the trainer encodes ``""`` with the
 same conditioning module the pipeline uses for the unconditional branch.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
@@ -27,7 +33,11 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from ..errors import UserError
+from ..paths import looks_local
 from .transforms import ImageTransform
+from .validate import (check_text_files, is_missing, load_error, missing_caption_error, missing_caption_rows,
+                       unreadable_error, warn_missing_captions)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +55,8 @@ __all__ = [
     "StreamingCaptionImageDataset",
     "make_caption_dataset",
     "build_train_dataset",
+    "data_issues",
+    "describe_data_issues",
     "collate",
 ]
 
@@ -69,13 +81,7 @@ class DatasetColumnError(ValueError):
 
 def _looks_local(src: str) -> bool:
     """A string the user meant as a local path (so a missing one must not fall through to the hub)."""
-    return (
-        src.startswith(("./", "../", "/", "~", ".\\"))
-        or (len(src) > 1 and src[1] == ":")  # Windows drive
-        or Path(src).suffix.lower() in LOCAL_FILE_FORMATS
-        or src.count("/") > 1  # hub ids are "name" or "owner/name"
-        or ("/" in src and Path(src.split("/", 1)[0]).is_dir())  # "data/x" while ./data exists
-    )
+    return looks_local(src) or Path(src).suffix.lower() in LOCAL_FILE_FORMATS
 
 
 def load_caption_dataset(data_cfg, cache_dir: Optional[str] = None) -> HFDataset:
@@ -108,7 +114,9 @@ def load_caption_dataset(data_cfg, cache_dir: Optional[str] = None) -> HFDataset
         if streaming:
             ds = ds.to_iterable_dataset()
     elif path.is_dir():
-        ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming, cache_dir=cache_dir)
+        with _reading(src, check_text_files(path)):
+            ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming,
+                                       cache_dir=cache_dir)
     elif path.is_file():
         fmt = LOCAL_FILE_FORMATS.get(path.suffix.lower())
         if fmt is None:
@@ -116,7 +124,8 @@ def load_caption_dataset(data_cfg, cache_dir: Optional[str] = None) -> HFDataset
                 f"data.dataset={src!r}: unsupported file type {path.suffix!r}; use one of "
                 f"{', '.join(LOCAL_FILE_FORMATS)} or an imagefolder directory"
             )
-        ds = _load_file(path, fmt, split, streaming, cache_dir)
+        with _reading(src, check_text_files(path) or [path]):
+            ds = _load_file(path, fmt, split, streaming, cache_dir)
         base_dir = path.resolve().parent
     elif _looks_local(src):
         raise FileNotFoundError(
@@ -137,6 +146,19 @@ def load_caption_dataset(data_cfg, cache_dir: Optional[str] = None) -> HFDataset
     if base_dir is not None:
         ds = _resolve_image_paths(ds, data_cfg, base_dir)
     return ds
+
+
+@contextmanager
+def _reading(src: str, files: list[Path]):
+    """``datasets``' errors while parsing local files, as one line naming the files (ours pass through)."""
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        yield
+    except UserError:
+        raise
+    except (DatasetGenerationError, ValueError) as err:  # pyarrow's ArrowInvalid and pandas' ParserError too
+        raise load_error(src, files, err) from err
 
 
 def _load_file(path: Path, fmt: str, split: str, streaming: bool, cache_dir: Optional[str]) -> HFDataset:
@@ -395,7 +417,31 @@ class _SampleMaker:
         self.warn_every = warn_every
         self.num_skipped = 0  # skip events in this process (a bad file met in 3 epochs counts 3)
         self.skipped_indices: set[int] = set()  # distinct bad row indices seen in this process
+        self.source = str(data_cfg.dataset)
+        self.missing_caption = getattr(data_cfg, "missing_caption", "empty")
+        self.data_issues: dict[str, int] = {}  # reason -> rows, found when the dataset is set up (map-style)
         return ds
+
+    def _check_captions(self) -> None:
+        """Rows without a caption (a JSON line without the field): an error, or counted and warned once."""
+        rows = missing_caption_rows(self.ds, self.caption_column)
+        if not rows:
+            return
+        names = [_cell_name(self.ds[r][self.image_column]) for r in rows[:5]]
+        if self.missing_caption == "error":
+            raise missing_caption_error(self.source, rows, names, len(self.ds))
+        warn_missing_captions(self.source, rows, names, len(self.ds))
+        self.data_issues["missing_caption"] = len(rows)
+
+    def _streamed_caption(self, caption: Any, index: int, cell: Any) -> Any:
+        """A streamed row's caption, with ``data.missing_caption`` applied (counted per process, warned once)."""
+        if not is_missing(caption):
+            return caption
+        if self.missing_caption == "error":
+            raise missing_caption_error(self.source, [index], [_cell_name(cell)], index + 1)
+        self.data_issues["missing_caption"] = self.data_issues.get("missing_caption", 0) + 1
+        warn_missing_captions(self.source, [index], [_cell_name(cell)], index + 1)  # once per process and source
+        return caption
 
     def set_epoch(self, epoch: int) -> None:
         """Select the per-epoch randomness. Call before each epoch (workers must not be persistent)."""
@@ -447,6 +493,7 @@ class CaptionImageDataset(_SampleMaker, torch.utils.data.Dataset):
         self.ds = self._setup(hf_dataset, data_cfg, seed, warn_every)
         if len(self.ds) == 0:
             raise ValueError(f"dataset {data_cfg.dataset!r} (split {data_cfg.split!r}) has no rows")
+        self._check_captions()
         self.target_sizes: Optional[np.ndarray] = None  # int32 [n, 2] (h, w) per index; 0 = the square default
 
     def __len__(self) -> int:
@@ -480,6 +527,7 @@ class CaptionImageDataset(_SampleMaker, torch.utils.data.Dataset):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
         index %= n
+        failed = []
         for attempt in range(min(n, self.max_tries)):
             row = (index + attempt) % n
             record = self.ds[row]
@@ -488,13 +536,11 @@ class CaptionImageDataset(_SampleMaker, torch.utils.data.Dataset):
                 image = open_image(cell)
             except Exception as err:  # corrupt / missing file: never crash a long run
                 self._record_skip(row, cell, err)
+                failed.append((row, _cell_name(cell), err))
                 continue
             # randomness keyed by the requested index, so a replacement row does not copy row+1's crop
             return self._make(image, record[self.caption_column], index, attempt, self.target_size(index))
-        raise RuntimeError(
-            f"{min(n, self.max_tries)} consecutive unreadable images starting at row {index}: "
-            "check the dataset (see the warnings above)"
-        )
+        raise unreadable_error(self.source, failed, len(failed), n)
 
 
 class StreamingCaptionImageDataset(_SampleMaker, torch.utils.data.IterableDataset):
@@ -518,7 +564,7 @@ class StreamingCaptionImageDataset(_SampleMaker, torch.utils.data.IterableDatase
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        pending = 0
+        pending, failed, yielded = 0, [], False
         for pos, row in enumerate(self.ds):  # datasets shards the stream across workers itself
             index = pos * nw + wid
             cell = row[self.image_column]
@@ -527,9 +573,13 @@ class StreamingCaptionImageDataset(_SampleMaker, torch.utils.data.IterableDatase
             except Exception as err:
                 self._record_skip(index, cell, err)
                 pending += 1
+                if len(failed) < 5:  # named in the error if nothing in this stream is readable
+                    failed.append((index, _cell_name(cell), err))
                 continue
-            yield self._make(image, row[self.caption_column], index, pending)
-            pending = 0
+            yield self._make(image, self._streamed_caption(row[self.caption_column], index, cell), index, pending)
+            pending, yielded = 0, True
+        if pending and not yielded:
+            raise unreadable_error(self.source, failed, pending, pending)
 
 
 def make_caption_dataset(hf_dataset: HFDataset, data_cfg, seed: int = 0):
@@ -542,6 +592,22 @@ def make_caption_dataset(hf_dataset: HFDataset, data_cfg, seed: int = 0):
 def build_train_dataset(data_cfg, seed: int = 0, cache_dir: Optional[str] = None):
     """``load_caption_dataset`` + ``make_caption_dataset``: the torch dataset the trainer wraps in a DataLoader."""
     return make_caption_dataset(load_caption_dataset(data_cfg, cache_dir=cache_dir), data_cfg, seed)
+
+
+def data_issues(dataset, unreadable: int = 0) -> dict[str, int]:
+    """Rows skipped or changed, by reason, for a run's summary (reasons with a zero count left out):
+    ``unreadable_image`` (skipped; ``unreadable`` is the sum of the batches' ``num_skipped``) and
+    ``missing_caption`` (trained with ``""``, ``data.missing_caption=empty``)."""
+    base = getattr(dataset, "base", dataset)  # the feature cache wraps the caption dataset
+    issues = {"unreadable_image": int(unreadable), **getattr(base, "data_issues", {})}
+    return {reason: n for reason, n in issues.items() if n}
+
+
+def describe_data_issues(issues: dict[str, int]) -> str:
+    """``data_issues`` in words, for the end-of-run line (empty when there were none)."""
+    words = {"unreadable_image": "skipped {} unreadable image(s)",
+             "missing_caption": "{} row(s) without a caption trained with ''"}
+    return "; ".join(words.get(reason, reason + ": {}").format(n) for reason, n in issues.items())
 
 
 def collate(batch: Iterable[dict]) -> dict:
