@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under ``accelerate launch``: the real Trainer, plus what each rank saw.
 
-    accelerate launch ... tests/launched_trainer.py [--fsdp-on-cpu] --config YAML key=value ...
+    accelerate launch ... tests/launched_trainer.py [--fsdp-on-cpu] [--inf-loss RANK:MICRO] --config YAML key=value ...
 
 Before training it runs one extra ``validate()`` and counts, per rank, the forward passes of the trained
 modules (UNet, text encoder); it also records whether the UNet's parameters are FSDP shards (DTensor) and
@@ -11,6 +11,9 @@ how many elements this rank holds. The main process writes them to ``<output_dir
 an FSDP config on CPU ranks it silently trains plain DDP, and latentsd refuses that. This flag starts
 accelerate's gloo process group first and labels it MULTI_GPU, so that accelerate's own FSDP2 code
 (``fully_shard`` over gloo) runs on CPU ranks as it would on GPUs. Test-only: nothing in latentsd does this.
+
+``--inf-loss RANK:MICRO``: rank RANK's loss of micro-batch MICRO becomes inf (its gradients stay finite); after
+training each rank writes its skipped-step count and a digest of its UNet weights to ``<output_dir>/rankN_after.json``.
 """
 
 import json
@@ -24,6 +27,24 @@ def enable_fsdp_on_cpu() -> None:
 
     PartialState(cpu=True)  # gloo process group, distributed_type MULTI_CPU
     PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU  # what AcceleratorState turns into FSDP
+
+
+def inject_inf_loss(trainer, rank: int, micro: int) -> None:
+    """``loss + inf`` on one rank and micro-batch: the loss is inf there, the gradients are those of the loss."""
+    compute_loss = trainer.compute_loss
+
+    def patched(batch, micro_step):
+        loss = compute_loss(batch, micro_step)
+        return loss + float("inf") if (trainer.acc.process_index, micro_step) == (rank, micro) else loss
+
+    trainer.compute_loss = patched
+
+
+def weights_digest(trainer) -> str:
+    import hashlib
+
+    params = trainer.acc.unwrap_model(trainer.unet).parameters()
+    return hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in params)).hexdigest()
 
 
 def probe(trainer) -> dict:
@@ -53,6 +74,9 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "--fsdp-on-cpu":
         enable_fsdp_on_cpu()
         argv = argv[1:]
+    inf_loss = None
+    if argv and argv[0] == "--inf-loss":
+        inf_loss, argv = tuple(map(int, argv[1].split(":"))), argv[2:]
     assert argv[0] == "--config", "usage: launched_trainer.py [--fsdp-on-cpu] --config YAML key=value ..."
     from latentsd.config import load_config
     from latentsd.training.trainer import Trainer
@@ -63,7 +87,13 @@ def main(argv: list[str]) -> int:
     if trainer.acc.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         Path(cfg.output_dir, "ranks.json").write_text(json.dumps({"ranks": ranks}, indent=1))
+    if inf_loss:
+        inject_inf_loss(trainer, *inf_loss)
     trainer.run()
+    if inf_loss:  # run() ended the process group: each rank writes its own file
+        rank = trainer.acc.process_index
+        Path(cfg.output_dir, f"rank{rank}_after.json").write_text(json.dumps(
+            {"rank": rank, "skipped_steps": trainer.state.skipped_steps, "weights": weights_digest(trainer)}))
     return 0
 
 

@@ -1,29 +1,60 @@
 """Resumable checkpoints: accelerate state written atomically, newest K kept.
 
 A checkpoint is ``output_dir/checkpoints/step-0000100/`` holding accelerate's state (models, optimizer, LR
-scheduler, RNG states, registered objects such as the step counter) plus the resolved ``config.yaml``.
-It is first written to a hidden temp folder and renamed when complete, so a crash mid-save leaves the
-previous checkpoint intact and ``resume=latest`` never picks up half a checkpoint.
+scheduler, RNG states), the training counters as JSON (``train_state.json``, never accelerate's pickled custom
+state) plus the resolved ``config.yaml``. It is first written to a hidden temp folder and renamed when complete, so
+a crash mid-save leaves the previous checkpoint intact and ``resume=latest`` never picks up half a checkpoint.
+Only finite weights are saved (the trainer checks first; ``train_state.json`` records it), and pruning never
+deletes the newest such checkpoint. What a resume reads is checked first: :mod:`latentsd.training.safe_resume`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 
 from ..config import save_config
-from ..io import write_dir_atomically
+from ..io import cleanup_on_failure, fresh_temp_dir, replace_dir, write_dir_atomically, write_file_atomically
 
 logger = logging.getLogger(__name__)
 PATTERN = re.compile(r"^step-(\d+)$")
+STATE_FILE = "train_state.json"
+
+
+@dataclasses.dataclass
+class TrainState:
+    """The counters a checkpoint restores, saved as ``train_state.json``."""
+
+    step: int = 0
+    images_seen: int = 0
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm (guards.StepGuard)
+    nonfinite_in_a_row: int = 0
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load(self, folder: Path) -> None:
+        """Restore from ``folder/train_state.json``: non-negative integers, or an error naming the file."""
+        path = Path(folder) / STATE_FILE
+        try:
+            data = json.loads(path.read_text())
+            values = {f.name: data.get(f.name, 0) for f in dataclasses.fields(self)}
+            if "step" not in data or not all(type(v) is int and v >= 0 for v in values.values()):
+                raise ValueError(f"expected non-negative integers {sorted(values)}, got {data}")
+        except (OSError, ValueError, AttributeError) as err:
+            raise ValueError(f"{path} is not a latentsd training state ({err}): resume from a checkpoint folder "
+                             "this version wrote") from None
+        for name, value in values.items():
+            setattr(self, name, value)
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -37,14 +68,34 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))
 
 
+def last_good_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose ``train_state.json`` records finite weights (any this version wrote), or None."""
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            if json.loads((path / STATE_FILE).read_text()).get("weights_finite") is True:
+                return path
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """``none`` → None; ``latest`` → newest checkpoint or None (fresh start); a path → that folder."""
+    """``none`` → None; ``latest`` → newest checkpoint, or None (fresh start, with a warning naming the folder);
+    ``latest_or_fail`` → newest checkpoint, or an error; a path → that folder."""
     if resume == "none":
         return None
-    if resume == "latest":
+    if resume in ("latest", "latest_or_fail"):
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
+        if found:
+            return found[-1]
+        where = checkpoint_dir(output_dir).resolve()
+        if resume == "latest_or_fail":
+            raise FileNotFoundError(f"resume=latest_or_fail: no checkpoint in {where}: check output_dir (a typo "
+                                    "starts a new run), or use resume=latest to start fresh when there is none")
+        logger.warning("resume=latest: no checkpoint in %s, starting from step 0 (check output_dir if you meant "
+                       "to continue a run; resume=latest_or_fail makes this an error)", where)
+        return None
+    path = Path(resume).expanduser()
     if not (path / "config.yaml").is_file():
         raise FileNotFoundError(f"resume={resume!r} is not a checkpoint folder (no config.yaml inside); use "
                                 f"resume=latest or a folder like {checkpoint_dir(output_dir)}/step-0000100")
@@ -52,37 +103,40 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, config, keep: int,
-                    extra: dict[str, dict] | None = None) -> Path:
+                    extra: dict[str, dict] | None = None, state: dict | None = None) -> Path:
     """Every process calls this (accelerate writes per-rank RNG files); only the main one renames/prunes.
 
-    ``extra`` maps file names to dicts of tensors (e.g. EMA weights) saved as safetensors alongside.
+    ``extra`` maps file names to dicts of tensors (e.g. EMA weights) saved as safetensors alongside. ``state``: the
+    training counters, written as ``train_state.json`` with ``weights_finite: true`` (the caller has checked the
+    weights: ``guards.StepGuard.check_weights``); a checkpoint without it is never resumed.
     """
-    root = checkpoint_dir(output_dir)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    final = checkpoint_dir(output_dir) / f"step-{step:07d}"
+    # one temp folder (the main process's; stale ones of killed runs removed) that every rank writes into
+    tmp = Path(broadcast_object_list([str(fresh_temp_dir(final)) if accelerator.is_main_process else None])[0])
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_config(config, tmp / "config.yaml")
-        for name, tensors in (extra or {}).items():
-            if tensors:
-                save_file(tensors, str(tmp / name))
-        if final.exists():  # a re-run of the same step after a resume: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _prune(output_dir, keep)
+    with cleanup_on_failure(final, tmp if accelerator.is_main_process else None):  # disk full: a clear error
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_config(config, tmp / "config.yaml")
+            if state is not None:
+                (tmp / STATE_FILE).write_text(json.dumps({**state, "weights_finite": True}, indent=1) + "\n")
+            for name, tensors in (extra or {}).items():
+                if tensors:
+                    save_file(tensors, str(tmp / name))
+            replace_dir(tmp, final)  # a re-run of the same step after a resume replaces it
+            _prune(output_dir, keep)
     accelerator.wait_for_everyone()
     return final
 
 
 def _prune(output_dir: str | Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints (0: all), and always the newest good one (:func:`last_good_checkpoint`)."""
     if keep > 0:
+        good = last_good_checkpoint(output_dir)
         for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old)
+            if old != good:
+                shutil.rmtree(old)
 
 
 def save_pipeline_atomically(pipe, path: Path, dtype: torch.dtype, extras: dict | None = None) -> None:
@@ -138,9 +192,7 @@ def _cast_file(file: Path, dtype: torch.dtype) -> None:
     tensors = load_file(str(file))
     cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     del tensors
-    tmp = file.with_name(f".tmp-{file.name}")
-    save_file(cast, str(tmp), metadata=metadata)
-    os.replace(tmp, file)
+    write_file_atomically(file, lambda tmp: save_file(cast, str(tmp), metadata=metadata), fsync=False)
 
 
 _SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,29 +21,17 @@ from ..config import TrainConfig, save_config
 from ..data.cache import latents_from_params
 from ..latents import encode, latent_shape
 from ..text import PromptEncoder
-from .checkpoint import resolve_resume, save_checkpoint, save_pipeline_atomically
+from .checkpoint import TrainState, resolve_resume, save_checkpoint, save_pipeline_atomically
 from .distributed import check_start, even_shares, full_weight_module, trained_parameters
 from .ema import make_ema
+from .guards import StepGuard
 from .logs import MetricsLog, flat_config
+from .preflight import preflight
 from .rng import EpochSampler, GlobalDraw
 from .setup import TORCH_DTYPES, scheduler_changes, load_model, make_accelerator, make_optimizer
 from .losses import loss_target, make_noise, perturb_input_noise, sample_timesteps, snr_weights, weighted_mse
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainState:
-    """The counters a checkpoint must restore (registered with accelerate)."""
-
-    step: int = 0
-    images_seen: int = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "images_seen": self.images_seen}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.images_seen = state["step"], state["images_seen"]
 
 
 class Trainer:
@@ -53,6 +40,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.acc = acc = make_accelerator(cfg)
+        preflight(cfg, acc.is_main_process)  # writable output_dir, free disk (and the GPU memory estimate), unloaded
         check_start(acc, cfg)  # shared output_dir, DeepSpeed settings, FSDP: fail on every rank before loading
         self.weight_dtype = TORCH_DTYPES[cfg.mixed_precision]
         self.parts = parts = load_model(cfg)
@@ -67,8 +55,8 @@ class Trainer:
         # FSDP swaps the parameters for sharded ones in prepare: clip and average those
         self.params = trained_parameters(self.trainable)
         self.ema = make_ema(self.params, cfg.ema)
-        self.state, self.skipped = TrainState(), 0
-        acc.register_for_checkpointing(self.state)
+        self.state, self.skipped = TrainState(), 0  # saved as JSON by checkpoint(), not pickled by accelerate
+        self.guard = StepGuard(acc, cfg, self.state)
         # a trained text encoder is called through its DDP wrapper, so its gradients are synchronised
         text_encoder = self.trainable[1] if self.text_encoder_trained else parts.text_encoder
         self.prompts = PromptEncoder(parts.tokenizer, text_encoder, max_chunks=1)
@@ -207,7 +195,11 @@ class Trainer:
     def resume(self) -> None:
         path = resolve_resume(self.cfg.resume, self.cfg.output_dir)
         if path is not None:
+            from .safe_resume import check_resumable
+
+            check_resumable(path)  # nothing load_state unpickles may be more than plain data
             self.acc.load_state(str(path))
+            self.state.load(path)
             self.ema.load(path / "ema.safetensors")
             self.acc.print(f"resumed from {path} at step {self.state.step}")
 
@@ -232,13 +224,19 @@ class Trainer:
                 raise ValueError("the dataset yielded no full batch: lower optim.train_batch_size or add data")
             epoch, skip = epoch + 1, skip if stream else 0
 
-    def optimizer_step(self, loss: torch.Tensor) -> None:
-        self.acc.backward(loss)
-        if self.acc.sync_gradients:
-            self.acc.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
-        self.optimizer.step()
-        self.lr_schedule.step()
+    def optimizer_step(self, window: list[torch.Tensor], captions: list[str]) -> dict:
+        """Clip, then the step's one host sync (:class:`StepGuard`): apply the update, or skip a non-finite one on
+        every rank alike (no optimizer, LR-schedule or EMA step); returns the step's metrics."""
+        norm = self.acc.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
+        verdict = self.guard.check(window, norm, captions)
+        if verdict.apply:
+            self.optimizer.step()
+            self.lr_schedule.step()
+            self.ema.maybe_update(self.state.step)
+        else:
+            self.guard.skip_update()
         self.optimizer.zero_grad(set_to_none=True)
+        return self.step_metrics(verdict)
 
     def run(self) -> dict:
         """Train to ``max_steps`` (resuming if asked), validate, checkpoint, export; returns a summary."""
@@ -251,36 +249,37 @@ class Trainer:
             acc.init_trackers("latentsd", config=flat_config(cfg))
         self.log = MetricsLog(Path(cfg.output_dir) / "logs" / "metrics.jsonl", acc.is_main_process)
         bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not acc.is_local_main_process)
-        self.clock, window = (time.perf_counter(), state.step), []
+        self.clock, window, captions = (time.perf_counter(), state.step), [], []
         for micro, batch in self.batches():
             if state.step >= cfg.max_steps:
                 break
             with acc.accumulate(*self.trainable):
                 loss = self.compute_loss(batch, micro)
-                self.optimizer_step(loss)
+                acc.backward(loss)
             window.append(loss.detach())
+            captions += batch["caption"]
             self.skipped += int(batch["num_skipped"])
             if not acc.sync_gradients:
                 continue
             state.step += 1
             state.images_seen += cfg.optim.train_batch_size * acc.num_processes * len(window)
-            self.ema.maybe_update(state.step)
-            metrics = self.step_metrics(window)
-            window = []
+            metrics = self.optimizer_step(window, captions)
+            window, captions = [], []
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{metrics['images_per_s']:.1f}")
             self.at_step_end(metrics)
+            self.guard.stop_if_diverging()
         bar.close()
         model_dir = self.export(Path(cfg.output_dir) / "model")
         acc.end_training()
         return self.summary(model_dir)
 
-    def step_metrics(self, window: list[torch.Tensor]) -> dict:
-        """Loss averaged over micro-batches and ranks (one host sync per optimizer step), lr, throughput."""
-        loss = self.acc.gather(torch.stack(window).mean()[None]).mean().item()
+    def step_metrics(self, verdict) -> dict:
+        """Loss averaged over micro-batches and ranks, gradient norm (both from the guard's sync), lr, throughput."""
         seconds = time.perf_counter() - self.clock[0]
-        return {"loss": loss, "lr": self.lr_schedule.get_last_lr()[0],
-                "images_per_s": (self.state.step - self.clock[1]) * self.global_batch / max(seconds, 1e-9)}
+        return {"loss": verdict.loss, "grad_norm": verdict.grad_norm, "lr": self.lr_schedule.get_last_lr()[0],
+                "images_per_s": (self.state.step - self.clock[1]) * self.global_batch / max(seconds, 1e-9),
+                "skipped_steps": self.state.skipped_steps}
 
     def at_step_end(self, metrics: dict) -> None:
         """Logging, validation and checkpoints, each on its own schedule (and all at the last step)."""
@@ -335,8 +334,12 @@ class Trainer:
         return out
 
     def checkpoint(self) -> None:
+        if not self.guard.may_checkpoint():  # mid-divergence: keep the checkpoints from before it
+            return
+        self.guard.check_weights(self.params, self.ema, f"checkpoint step-{self.state.step:07d}")  # never NaN on disk
         path = save_checkpoint(self.acc, self.cfg.output_dir, self.state.step, self.cfg,
-                               self.cfg.checkpoints_total_limit, extra={"ema.safetensors": self.ema.state_dict()})
+                               self.cfg.checkpoints_total_limit, extra={"ema.safetensors": self.ema.state_dict()},
+                               state=self.state.state_dict())
         if self.cfg.export.every_checkpoint:
             self.export(path / "model")
 
@@ -346,7 +349,7 @@ class Trainer:
         extra components (SD-1.5's PNDM, safety checker and feature extractor)."""
         from .checkpoint import export_scheduler, shipped_extras
 
-        self.acc.wait_for_everyone()
+        self.guard.check_weights(self.params, self.ema, f"the export {path}")
         with self.ema.swapped_in():
             pipe = self.pipeline()  # on every rank: under FSDP it gathers the full weights
             if self.acc.is_main_process:
@@ -382,13 +385,18 @@ class Trainer:
             setattr(pipe, name, merged_copy(model) if source is None else merge_into(getattr(source, name), model))
 
     def summary(self, model_dir: Path) -> dict:
+        from ..data.datasets import data_issues, describe_data_issues
+
         seconds = time.perf_counter() - self.clock[0]
+        issues = data_issues(self.dataset, self.skipped)  # by reason: unreadable_image, missing_caption
         out = {"steps": self.state.step, "steps_this_run": self.state.step - self.clock[1], "seconds": round(seconds, 1),
-               "images_seen": self.state.images_seen, "skipped_samples": self.skipped,
-               "output_dir": str(self.cfg.output_dir), "model": str(model_dir)}
+               "images_seen": self.state.images_seen, "skipped_samples": self.skipped, "data_issues": issues,
+               "skipped_steps": self.state.skipped_steps, "output_dir": str(self.cfg.output_dir),
+               "model": str(model_dir)}
         self.acc.print(f"trained {out['steps_this_run']} steps (to step {out['steps']}) in {seconds:.1f}s; "
                        f"checkpoints in {self.cfg.output_dir}/checkpoints, model in {model_dir}"
-                       + (f"; skipped {out['skipped_samples']} unreadable samples" if out["skipped_samples"] else ""))
+                       + (f"; {describe_data_issues(issues)}" if issues else "")
+                       + (f"; skipped {out['skipped_steps']} non-finite steps" if out["skipped_steps"] else ""))
         return out
 
 
