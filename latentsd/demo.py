@@ -3,12 +3,12 @@ concept, then generate before/after grids and score how well the images follow t
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from .io import write_json_atomically, write_text_atomically
 from .resources import package_path, shipped_config
 
 BASE_MODEL = package_path("assets", "shapes_base")
@@ -104,7 +104,7 @@ def run_demo(out_dir: str | Path, steps: int | None = None, seed: int = 0, base_
 
 
 def _write_report(out: Path, report: dict) -> None:
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomically(out / "report.json", report, indent=2)
     lines = ["# latentsd demo", "", f"Taught the base model a new shape, **{NEW_SHAPE}**.", "",
              "| model | prompts | color | shape | position | all three |", "| --- | --- | --- | --- | --- | --- |"]
     for when in ("before", "after"):
@@ -116,4 +116,4 @@ def _write_report(out: Path, report: dict) -> None:
               f"whole demo {report['wall_seconds']} s.", "",
               "Grids (rows of 5; first the old prompts, then the new):", "",
               f"![before]({Path(report['grids'][0]).name}) ![after]({Path(report['grids'][1]).name})", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    write_text_atomically(out / "report.md", "\n".join(lines))

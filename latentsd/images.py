@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import PIL.Image
+
+from .io import write_file_atomically, write_json_atomically
 
 
 def make_grid(images: list[PIL.Image.Image], cols: int | None = None) -> PIL.Image.Image:
@@ -29,21 +30,19 @@ def save_images(images: list[PIL.Image.Image], prompts: list[str], out: str | Pa
                 cols: int | None = None) -> Path:
     """Save one image as is, or several as a grid; either way write ``out`` with a ``.json`` sidecar.
 
-    The sidecar is ``{"prompts": [...], "rows": r, "cols": c, "cell": [h, w]}``; the file is written
-    to a temporary name and renamed, so a reader never sees half an image.
+    The sidecar is ``{"prompts": [...], "rows": r, "cols": c, "cell": [h, w]}``; both are written atomically
+    (:mod:`latentsd.io`), so a reader never sees half an image.
     """
     if len(prompts) != len(images):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     cols = cols or math.ceil(math.sqrt(len(images)))
     grid = make_grid(images, cols)
-    tmp = out.with_name(f".{out.name}.tmp")
-    grid.save(tmp, format=(out.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
-    os.replace(tmp, out)
+    image_format = (out.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG")
+    write_file_atomically(out, lambda tmp: grid.save(tmp, format=image_format))
     w, h = images[0].size
     meta = {"prompts": list(prompts), "rows": math.ceil(len(images) / cols), "cols": cols, "cell": [h, w]}
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_json_atomically(out.with_suffix(".json"), meta, indent=1)
     return out
 
 

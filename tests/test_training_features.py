@@ -57,18 +57,28 @@ def test_ema_follows_the_closed_form_with_warmup():
     assert torch.equal(p.data, torch.full((3,), 4.0))  # restored
 
 
-def test_ema_resume_is_bit_identical_and_export_uses_ema(tmp_path, shapes_dir):
+def test_ema_resume_is_bit_identical_and_the_export_holds_the_ema_weights(tmp_path, shapes_dir):
+    from latentsd.models import build_components
+
     full, resumed = _full_and_resumed(tmp_path, shapes_dir, "ema.enabled=true", "ema.decay=0.5")
     a = load_file(full / "model/unet/diffusion_pytorch_model.safetensors")
     b = load_file(resumed / "model/unet/diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     shadow = load_file(full / "checkpoints/step-0000004/ema.safetensors")
     assert int(shadow["updates"]) == 4
-    # the export holds the EMA weights, not the raw ones: it differs from a run without EMA
+    # the EMA computed here from the raw weights of every step: a run without EMA (the EMA never feeds back into
+    # training) checkpointed at every step, starting from the same initial weights
     raw = tmp_path / "raw"
-    train(_cfg(raw, shapes_dir))
-    c = load_file(raw / "model/unet/diffusion_pytorch_model.safetensors")
-    assert any(not torch.equal(a[k], c[k]) for k in a)
+    train(_cfg(raw, shapes_dir, "checkpoint_every=1"))
+    weights = [load_file(raw / f"checkpoints/step-{n:07d}/model.safetensors") for n in range(1, 5)]
+    ema = {k: v.float() for k, v in build_components("tiny", seed=0).unet.state_dict().items()}
+    for n, w in enumerate(weights):  # n updates so far; warmup caps the decay at (1 + n) / (10 + n)
+        decay = min(0.5, (1 + n) / (10 + n))
+        ema = {k: decay * ema[k] + (1 - decay) * w[k] for k in ema}
+    assert a.keys() == ema.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], ema[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(a[k], weights[-1][k]) for k in a)  # not the raw weights
 
 
 # ---- loss options --------------------------------------------------------------------------------
@@ -138,9 +148,33 @@ def test_validation_grids_and_a_deterministic_held_out_loss(tmp_path, shapes_dir
     assert meta["prompts"] == ["a red circle on the left"] * 2 + ["a blue square"] * 2
     logged = read_metrics(out)
     assert "val_loss" in logged[2] and "val_loss" in logged[4]
-    assert trainer.validate()["val_loss"] == trainer.validate()["val_loss"]  # same weights, same number
+    expected = _held_out_loss_with_diffusers(out / "model", trainer.holdout, trainer.cfg.validation)
+    assert logged[4]["val_loss"] == pytest.approx(expected, rel=1e-5)  # step 4's weights are the exported ones
+    assert trainer.validate()["val_loss"] == pytest.approx(expected, rel=1e-5)
     held_out = {int(i) for batch in trainer.holdout for i in batch["index"]}
     assert held_out == {0, 1, 2, 3} and not held_out & set(trainer.loader.batch_sampler.sampler.indices)
+
+
+@torch.no_grad()
+def _held_out_loss_with_diffusers(model_dir, batches, v) -> float:
+    """The validation loss as specified, computed with diffusers' own pipeline and scheduler from the exported folder:
+    mean ε-MSE over the held-out samples at each of ``v.loss_timesteps``, latents = posterior mode x scaling factor,
+    noise seeded by (validation seed, timestep, sample index)."""
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    sched = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+    losses = []
+    for batch in batches:
+        latents = pipe.vae.encode(batch["pixel_values"]).latent_dist.mode() * pipe.vae.config.scaling_factor
+        embeds = pipe.encode_prompt(batch["caption"], "cpu", 1, False)[0]
+        for t in v.loss_timesteps:
+            noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
+                v.seed * 1_000_003 + t * 10_007 + int(i))) for i in batch["index"]])
+            steps = torch.full((len(latents),), t)
+            pred = pipe.unet(sched.add_noise(latents, noise, steps), steps, encoder_hidden_states=embeds).sample
+            losses += ((pred - noise) ** 2).mean(dim=(1, 2, 3)).tolist()
+    return sum(losses) / len(losses)
 
 
 def test_8bit_adam_without_bitsandbytes_says_what_to_do(tmp_path, shapes_dir):

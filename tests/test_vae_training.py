@@ -4,12 +4,14 @@ resumes bit-identically, rejects unknown keys, and its loss really weights foreg
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from latentsd.config import ConfigError, save_config
+from latentsd.data.shapes import all_specs, make_shapes_dataset
 from latentsd.training.checkpoint import list_checkpoints
 from latentsd.training.vae import (
     StepBatches,
@@ -35,11 +37,19 @@ def _weights(out):
 
 def test_short_run_saves_a_loadable_vae_with_the_measured_scaling_factor(tmp_path):
     out = tmp_path / "run"
-    path = train_vae(_cfg(out, "max_steps=6"))
+    path = train_vae(_cfg(out, "max_steps=6", "scale_samples=16"))  # every training image
     assert path == out / "vae"
     vae = AutoencoderKL.from_pretrained(path)
-    summary = json.loads((out / "summary.json").read_text())
-    assert vae.config.scaling_factor == pytest.approx(1 / summary["latent_std"])
+    # 1/std of the latents the UNet trainer samples, from the saved VAE's posteriors of the 16 training images
+    # (generated here): for z ~ N(mu, sigma²) elementwise, Var z = mean(mu² + sigma²) - mean(mu)²
+    images = make_shapes_dataset(16, seed=0, size=32, specs=all_specs(shapes=_cfg(out).shapes))["image"]
+    pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+                          for im in images])
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+    mu, var = posterior.mean, posterior.var
+    std = ((mu.square() + var).mean() - mu.mean().square()).sqrt().item()
+    assert vae.config.scaling_factor == pytest.approx(1 / std, rel=0.08)  # 1024 sampled latents: ~2 % noise
     assert vae.config.scaling_factor != 0.18215  # the tiny config's placeholder was replaced
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from ..io import write_file_atomically, write_json_atomically
 from .fingerprints import CACHE_FORMAT, _hash_file, _local_path, image_digest
 
 logger = logging.getLogger(__name__)
@@ -22,19 +23,6 @@ class CacheMissingError(RuntimeError):
 
 
 # =========================================================================== storage
-
-
-def _atomic_write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -105,7 +93,8 @@ class ShardStore:
         """Write index.json (atomically) if it differs from the shards on disk; True if written."""
         if not self._index_stale:
             return False
-        _atomic_write_json(self.index_path, {"format": CACHE_FORMAT, "shards": self._listing})
+        write_json_atomically(self.index_path, {"format": CACHE_FORMAT, "shards": self._listing},
+                              separators=(",", ":"))
         self._index_stale = False
         return True
 
@@ -178,17 +167,9 @@ class _ShardWriter:
         if not self.buffer:
             return
         name = f"{self.store.prefix}-r{self.rank:05d}-{self.token}-{self.seq:05d}.safetensors"
-        final = self.store.folder / name
-        tmp = final.with_name(f".{name}.tmp")
-        try:
-            save_file(self.buffer, str(tmp), metadata={"format": f"latentsd-cache-{CACHE_FORMAT}",
-                                                       "kind": self.store.prefix})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        metadata = {"format": f"latentsd-cache-{CACHE_FORMAT}", "kind": self.store.prefix}
+        write_file_atomically(self.store.folder / name,
+                              lambda tmp: save_file(self.buffer, str(tmp), metadata=metadata))
         self.written.append(name)
         self.seq, self.buffer = self.seq + 1, {}
 
@@ -245,7 +226,8 @@ class _FileDigests:
     def save(self, rank: int) -> None:
         if self._new or self._new_bad:
             name = f"digests-r{rank:05d}-{uuid.uuid4().hex[:12]}.json"
-            _atomic_write_json(self.folder / name, {"files": self._new, "undecodable": sorted(self._new_bad)})
+            write_json_atomically(self.folder / name, {"files": self._new, "undecodable": sorted(self._new_bad)},
+                                  separators=(",", ":"))
             self._new, self._new_bad = {}, set()
 
 

@@ -9,7 +9,10 @@ from ..config import TrainConfig, config_to_dict
 
 
 class MetricsLog:
-    """One JSON line per optimizer step (main process): survives crashes, easy to diff across runs."""
+    """One JSON line per optimizer step (main process): survives crashes, easy to diff across runs.
+
+    Appended in place, the one write that does not go through :mod:`latentsd.io`: a line is written whole or not at
+    all, and after a resume :func:`read_metrics` takes the last line of each step."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled

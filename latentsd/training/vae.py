@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..config import load_config, opt, save_config
 from ..models import load_model_config
-from ..io import write_dir_atomically
+from ..io import write_dir_atomically, write_json_atomically, write_text_atomically
 from .checkpoint import checkpoint_dir, list_checkpoints, resolve_resume
 
 __all__ = [
@@ -343,7 +343,7 @@ def _trim_metrics(path: Path, step: int) -> None:
     """Drop lines logged after the checkpoint: the resumed run logs those steps again."""
     if path.is_file():
         lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        write_text_atomically(path, "".join(ln + "\n" for ln in lines))
 
 
 def _log(cfg: VAETrainConfig, step: int, terms: dict, started: float, start_step: int) -> None:
@@ -432,7 +432,7 @@ def _train_vae(cfg: VAETrainConfig) -> Path:
         summary["reconstruction"] = reconstruction_report(vae, cfg.eval_samples, size=cfg.resolution, shapes=cfg.shapes)
     summary["wall_seconds"] = round(time.perf_counter() - began, 1)  # data generation and measuring included
     summary["vae_dir"] = str(out / "vae")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomically(out / "summary.json", summary, indent=2)
     _print_summary(summary)
     return out / "vae"
 
