@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo base-model
+.PHONY: install test test-slow demo base-model
 install: $(VENV)/.installed
 
 # constraints.txt: the tested set of versions (README, "Versions"); CONSTRAINTS= installs the newest instead.
@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 test: install
 	$(PY) -m pytest -q
+
+# The learning runs that show each training method learns on shapes (minutes each on 2 CPU cores).
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 demo: install
 	$(PY) -m latentsd.cli demo --out outputs/demo

@@ -390,7 +390,6 @@ def test_from_config_of_other_schedulers():
     assert diffusers.DDIMScheduler in ddim.compatibles
 
 
-@pytest.mark.slow  # imports transformers (via the pipeline module) and runs a tiny UNet: ~5 s on 2 cores
 def test_stable_diffusion_pipeline_runs_our_schedulers():
     """Our schedulers in diffusers' StableDiffusionPipeline give diffusers' latents (tiny UNet, no VAE/CLIP)."""
     torch.manual_seed(0)
