@@ -62,7 +62,7 @@ def test_top_level_keys_are_the_specified_ones():
     assert names == [
         "output_dir", "seed", "max_steps", "checkpoint_every", "checkpoints_total_limit", "resume",
         "mixed_precision", "log_every", "report_to", "model", "data", "optim", "export",
-        "ema", "lora", "loss", "cache", "validation",
+        "ema", "lora", "loss", "cache", "validation", "dreambooth", "ti",
     ]
 
 
