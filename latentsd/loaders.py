@@ -1,4 +1,10 @@
-"""Load LoRA adapters into a pipeline (generation side: the trainer's exports, diffusers/PEFT or kohya files)."""
+"""Load LoRA adapters into a pipeline (generation side: the trainer's exports, diffusers/PEFT or kohya files).
+
+LoRA files (either layout) and DoRA in the PEFT layout go through diffusers' ``load_lora_weights``; DoRA in the
+kohya/LyCORIS layout (``dora_scale``, which diffusers drops), LoHa and LoKr through peft
+(:func:`latentsd.adapter_formats.load_adapter_file`). Either way the adapter is a peft adapter of the UNet (and
+text encoder), so ``set_adapters``, ``fuse_lora`` and ``unfuse_lora`` work on it.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ def resolve_lora_path(path: str | Path) -> tuple[Path, str]:
 
 def load_lora_into_pipeline(pipe, path: str | Path, fuse: bool = False, scale: float = 1.0,
                             adapter_name: str | None = None) -> str:
-    """Load an exported LoRA (either format) into a pipeline with ``load_lora_weights``; returns the adapter name.
+    """Load an exported LoRA / DoRA / LoHa / LoKr (either layout) into a pipeline; returns the adapter name.
 
     ``fuse=True`` merges it into the base weights (``fuse_lora(lora_scale=scale)``): no adapter cost at
     inference, undo with ``pipe.unfuse_lora()``. Otherwise ``scale`` is set as the adapter weight.
@@ -38,9 +44,15 @@ def load_lora_into_pipeline(pipe, path: str | Path, fuse: bool = False, scale: f
     """
     from diffusers.utils.peft_utils import get_adapter_name
 
+    from .adapter_formats import diffusers_loads, load_adapter_file, read_adapter_file
+
     folder, weight_name = resolve_lora_path(path)
     adapter_name = adapter_name or get_adapter_name(pipe.unet)
-    pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)
+    tensors, _ = read_adapter_file(folder / weight_name)
+    if diffusers_loads(tensors):
+        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)
+    else:
+        load_adapter_file(pipe, folder / weight_name, adapter_name)
     if fuse:
         pipe.fuse_lora(lora_scale=scale, adapter_names=[adapter_name])
     elif scale != 1.0:

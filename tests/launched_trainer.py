@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under ``accelerate launch``: the real Trainer, plus what each rank saw.
 
-    accelerate launch ... tests/launched_trainer.py [--fsdp-on-cpu] [--inf-loss RANK:MICRO] --config YAML key=value ...
+    accelerate launch ... tests/launched_trainer.py [--fsdp-on-cpu] [--inf-loss RANK:MICRO] [--digest] --config YAML key=value ...
 
 Before training it runs one extra ``validate()`` and counts, per rank, the forward passes of the trained
 modules (UNet, text encoder); it also records whether the UNet's parameters are FSDP shards (DTensor) and
@@ -14,6 +14,9 @@ accelerate's gloo process group first and labels it MULTI_GPU, so that accelerat
 
 ``--inf-loss RANK:MICRO``: rank RANK's loss of micro-batch MICRO becomes inf (its gradients stay finite); after
 training each rank writes its skipped-step count and a digest of its UNet weights to ``<output_dir>/rankN_after.json``.
+
+``--digest``: write ``rankN_after.json`` without injecting anything; it also holds ``trained``, a digest of every
+trained parameter of the rank (e.g. the UNet and text-encoder LoRA adapters), in order.
 """
 
 import json
@@ -40,10 +43,10 @@ def inject_inf_loss(trainer, rank: int, micro: int) -> None:
     trainer.compute_loss = patched
 
 
-def weights_digest(trainer) -> str:
+def weights_digest(trainer, params=None) -> str:
     import hashlib
 
-    params = trainer.acc.unwrap_model(trainer.unet).parameters()
+    params = trainer.acc.unwrap_model(trainer.unet).parameters() if params is None else params
     return hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in params)).hexdigest()
 
 
@@ -77,6 +80,9 @@ def main(argv: list[str]) -> int:
     inf_loss = None
     if argv and argv[0] == "--inf-loss":
         inf_loss, argv = tuple(map(int, argv[1].split(":"))), argv[2:]
+    digest = bool(inf_loss)
+    if argv and argv[0] == "--digest":
+        digest, argv = True, argv[1:]
     assert argv[0] == "--config", "usage: launched_trainer.py [--fsdp-on-cpu] --config YAML key=value ..."
     from latentsd.config import load_config
     from latentsd.training.trainer import Trainer
@@ -90,10 +96,11 @@ def main(argv: list[str]) -> int:
     if inf_loss:
         inject_inf_loss(trainer, *inf_loss)
     trainer.run()
-    if inf_loss:  # run() ended the process group: each rank writes its own file
+    if digest:  # run() ended the process group: each rank writes its own file
         rank = trainer.acc.process_index
         Path(cfg.output_dir, f"rank{rank}_after.json").write_text(json.dumps(
-            {"rank": rank, "skipped_steps": trainer.state.skipped_steps, "weights": weights_digest(trainer)}))
+            {"rank": rank, "skipped_steps": trainer.state.skipped_steps, "weights": weights_digest(trainer),
+             "trained": weights_digest(trainer, trainer.params)}))
     return 0
 
 

@@ -7,11 +7,14 @@ What is cached
   fp16/bf16/fp32 VAEs; the VAE's dtype is part of the key). Not a sample: the trainer still draws a fresh
   posterior sample every step with its own noise (:func:`sample_from_params`), so training from the cache
   gives the same loss as encoding on the fly. With ``data.random_flip`` both the plain and the mirrored
-  image are cached (two entries per image). A random crop (``data.center_crop: false``) cannot be cached:
-  latents then fall back to on-the-fly encoding (:func:`latents_cacheable`, logged).
+  image are cached (two entries per image). With aspect-ratio buckets (``data.buckets``) each image is cached
+  at its bucket's size (set the bucket sizes on the dataset before precomputing: the trainer does). A random
+  crop (``data.center_crop: false``) cannot be cached, nor can images with loss masks (the mask is read with
+  the pixels): latents then fall back to on-the-fly encoding (:func:`latents_cacheable`, logged).
 * **Text**: the hidden states ``[77, D]`` of ``PromptEncoder(tokenizer, text_encoder, max_chunks=1)`` with
-  the given ``clip_skip``, one entry per distinct caption string (every string of a list caption, and
-  ``""``, the caption-dropout / unconditional prompt), stored as float32.
+  the given ``clip_skip``, one entry per distinct caption string (every string of a list caption after the
+  caption template, and ``""``, the caption-dropout / unconditional prompt), stored as float32. Shuffled or
+  dropped tags (:mod:`latentsd.data.captions`) cannot be cached: captions are then encoded on the fly (logged).
 
 Keys
 ----
@@ -20,7 +23,8 @@ affected entries with no flag to remember, and entries with an unchanged key are
 (share ``cache.dir`` between runs):
 
 * latents: the image's encoded file bytes (decoded pixels when no bytes exist), the resolution, the crop
-  policy (center), the flip variant, the preprocessing version, a fingerprint of the VAE weights, the VAE
+  policy (center), the flip variant, the bucket size (non-square buckets only, so a square bucket shares the
+  square's entries), the preprocessing version, a fingerprint of the VAE weights, the VAE
   config, the VAE dtype (+ tiling) and the stored dtype;
 * text: the caption string, a tokenizer fingerprint (vocab, merges, added tokens, model_max_length,
   special ids), a fingerprint of the text-encoder weights, its config and dtype, ``clip_skip``, the stored
@@ -34,7 +38,7 @@ a later run, or another rank of this run, does not read every image again.
 Layout (``cache_dir``)
 ----------------------
 ``latents/latents-r{rank}-{token}-{seq}.safetensors`` and ``text/text-...safetensors``: shards of up to
-``shard_size`` entries, tensor name = key, each written once (temp file + ``os.replace``) by exactly one
+``shard_size`` entries, tensor name = key, each written once (atomically, :mod:`latentsd.io`) by exactly one
 process (rank and a random token in the name), never rewritten. ``latents/index.json`` /
 ``text/index.json``: ``{shard: {"size", "keys"}}``, a listing written atomically by the main process;
 it only saves reading shard headers: the shards on disk are the truth (a shard missing from the index
@@ -56,11 +60,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 
-from .datasets import _cell_name, choose_caption, open_image, sample_generator
+from .cached_dataset import (CachedCaptionDataset, _column, _recipe, _row_size, collate_cached,  # noqa: F401
+                             latents_from_params, sample_from_params)
+from .captions import CaptionRecipe
+from .datasets import _cell_name, open_image
 from .fingerprints import (CACHE_FORMAT, STORE_DTYPE, image_digest, latent_context, latent_key,  # noqa: F401
                            module_fingerprint, text_context, text_key, tokenizer_fingerprint)
 from .shards import CacheMissingError, ShardStore, _FileDigests, _ShardWriter
@@ -74,6 +81,7 @@ __all__ = [
     "latents_cacheable",
     "latents_uncacheable_reason",
     "cache_modes",
+    "cache_plan",
     "resolve_cache_dir",
     "module_fingerprint",
     "tokenizer_fingerprint",
@@ -106,70 +114,54 @@ def latents_uncacheable_reason(data_cfg: Any) -> Optional[str]:
         return "data.streaming=true: the cache needs a map-style dataset"
     if not getattr(data_cfg, "center_crop", True):
         return "data.center_crop=false: a random crop differs every step, so its latents cannot be precomputed"
-    if getattr(data_cfg, "buckets", False):
-        return "data.buckets=true: aspect-ratio buckets are not cached yet"
+    masks = getattr(data_cfg, "masks", None)  # a CaptionImageDataset's LossMasks
+    if getattr(data_cfg, "mask_column", None) or getattr(data_cfg, "mask_from_alpha", False) or \
+            (masks is not None and masks.enabled):
+        return "loss masks (data.mask_column / data.mask_from_alpha) are read with the pixels"
     return None
 
 
 def latents_cacheable(data_cfg: Any) -> bool:
-    """True when every sample's pixels are one of a few fixed variants (center crop, optional flip)."""
+    """True when every sample's pixels are one of a few fixed variants (center crop at the square or bucket
+    size, optional flip)."""
     return latents_uncacheable_reason(data_cfg) is None
 
 
+def cache_plan(cfg: Any) -> dict[str, tuple[bool, Optional[str]]]:
+    """``{"latents": (used, why not), "text": (used, why not)}`` for a :class:`~latentsd.config.TrainConfig`, logging
+    nothing. ``cache.*`` is ``true``, ``false`` or ``auto`` (the default: on wherever the part can be cached, i.e. the
+    model part is frozen and the data allows it)."""
+    reasons = {"latents": latents_uncacheable_reason(cfg.data), "text": _text_uncacheable_reason(cfg)}
+    settings = {"latents": cfg.cache.latents, "text": cfg.cache.text}
+    return {part: (settings[part] is not False and reasons[part] is None,
+                   "cache.%s=false" % part if settings[part] is False else reasons[part]) for part in reasons}
+
+
+def _text_uncacheable_reason(cfg: Any) -> Optional[str]:
+    if cfg.text_encoder_trained():  # fully, LoRA or textual-inversion vectors
+        return "the text encoder is trained"
+    if cfg.data.streaming:
+        return "data.streaming=true: the cache needs a map-style dataset"
+    return CaptionRecipe.from_config(cfg.data).uncacheable_reason
+
+
 def cache_modes(cfg: Any) -> tuple[bool, bool]:
-    """``(cache latents, cache text)`` for a :class:`~latentsd.config.TrainConfig`, logging why a requested
-    cache is not used (that part is then computed on the fly, as without a cache)."""
-    want_latents, want_text = bool(cfg.cache.latents), bool(cfg.cache.text)
-    latents = text = False
-    if want_latents:
-        reason = latents_uncacheable_reason(cfg.data)
-        if reason:
-            logger.warning("cache.latents=true but %s: latents are encoded on the fly", reason)
-        else:
-            latents = True
-    if want_text:
-        lora = getattr(cfg, "lora", None)
-        if cfg.model.train_text_encoder or (lora is not None and lora.enabled and lora.text_encoder):
-            logger.warning("cache.text=true but the text encoder is trained: captions are encoded on the fly")
-        elif cfg.data.streaming:
-            logger.warning("cache.text=true but data.streaming=true: the cache needs a map-style dataset; "
-                           "captions are encoded on the fly")
-        else:
-            text = True
-    return latents, text
+    """``(cache latents, cache text)`` for a :class:`~latentsd.config.TrainConfig` (:func:`cache_plan`), logging why a
+    part is not cached: a warning when it was asked for (``true``), information under ``auto``; that part is then
+    computed on the fly, as without a cache."""
+    plan = cache_plan(cfg)
+    for part, what in (("latents", "latents are encoded"), ("text", "captions are encoded")):
+        setting, (used, reason) = getattr(cfg.cache, part), plan[part]
+        if setting is not False and not used:
+            log = logger.warning if setting is True else logger.info
+            log("cache.%s=%s but %s: %s on the fly", part, str(setting).lower(), reason, what)
+    return plan["latents"][0], plan["text"][0]
 
 
 def resolve_cache_dir(cfg: Any) -> Path:
     """``cache.dir``, or ``<output_dir>/cache`` when empty."""
     return Path(cfg.cache.dir).expanduser() if cfg.cache.dir.strip() else Path(cfg.output_dir) / "cache"
 
-
-# =========================================================================== sampling
-
-
-def sample_from_params(params: torch.Tensor, noise: Optional[torch.Tensor], scaling_factor: float,
-                       shift_factor: float = 0.0) -> torch.Tensor:
-    """Posterior parameters ``[..., 2C, h, w]`` and noise ``[..., C, h, w]`` → scaled latents.
-
-    ``(mean + exp(0.5 * clamp(logvar, -30, 20)) * noise - shift) * scale``: the same operations as diffusers'
-    ``DiagonalGaussianDistribution`` and :func:`latentsd.latents.encode` with ``noise=``, so the same params
-    and noise give the same latents. ``noise=None`` takes the posterior mode (the mean).
-    """
-    mean, logvar = torch.chunk(params, 2, dim=-3)
-    if noise is None:
-        z = mean
-    else:
-        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
-        z = mean + std * noise.to(mean)
-    return (z - shift_factor) * scaling_factor
-
-
-def latents_from_params(vae: Any, params: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
-    """:func:`sample_from_params` with this VAE's ``scaling_factor`` / ``shift_factor``."""
-    from ..latents import _scale_shift
-
-    scale, shift = _scale_shift(vae)
-    return sample_from_params(params, noise, scale, shift)
 
 
 # =========================================================================== dataset access helpers
@@ -182,22 +174,6 @@ def _check_map_style(dataset: Any) -> None:
                             f"(streaming datasets are not cached), got {type(dataset).__name__}")
 
 
-def _column(ds: Any, column: str, rows: Optional[Sequence[int]] = None, chunk: int = 4096) -> Iterable:
-    """Values of one column (for ``rows`` only if given), read in chunks."""
-    part = ds.select_columns([column])
-    if rows is not None:
-        part = part.select(rows)
-    for start in range(0, len(part), chunk):
-        yield from part[start:start + chunk][column]
-
-
-def _caption_options(caption: Any) -> list[str]:
-    """Every string :func:`choose_caption` may return for this cell, except dropout's ``""``."""
-    if isinstance(caption, (list, tuple)):
-        return [c if isinstance(c, str) else "" for c in caption] or [""]
-    return [caption if isinstance(caption, str) else ""]
-
-
 def _process(rank: Optional[int], world: Optional[int], accelerator: Any) -> tuple[int, int, bool]:
     if accelerator is not None:  # Accelerator or PartialState
         return int(accelerator.process_index), int(accelerator.num_processes), bool(accelerator.is_local_main_process)
@@ -207,10 +183,11 @@ def _process(rank: Optional[int], world: Optional[int], accelerator: Any) -> tup
     return rank, world, int(os.environ.get("LOCAL_RANK", rank)) == 0
 
 
-def _pixels(transform: ImageTransform, image) -> torch.Tensor:
-    """The unflipped center-crop pixels CaptionImageDataset makes of this image (crop draws are ignored)."""
+def _pixels(transform: ImageTransform, image, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """The unflipped center-crop pixels CaptionImageDataset makes of this image at ``size`` (an aspect bucket's;
+    None: the square resolution); crop draws are ignored."""
     plain = ImageTransform(transform.resolution, center_crop=True, random_flip=False)
-    pixels, _ = plain(image, torch.Generator().manual_seed(0))  # a private generator: leave the global RNG be
+    pixels, _ = plain(image, torch.Generator().manual_seed(0), size=size)  # a private generator: leave the global RNG be
     return pixels
 
 
@@ -256,11 +233,17 @@ class FeatureCache:
     def caches_latents_for(self, dataset: Any) -> bool:
         if self.vae is None:
             return False
-        reason = latents_uncacheable_reason(dataset.transform)
-        if reason is None and getattr(dataset, "target_sizes", None) is not None:
-            reason = "aspect-ratio bucket sizes are set on the dataset (buckets are not cached yet)"
+        reason = latents_uncacheable_reason(dataset.transform) or latents_uncacheable_reason(dataset)
         if reason:
             logger.warning("latents are not cached (%s): they are encoded on the fly", reason)
+        return reason is None
+
+    def caches_text_for(self, dataset: Any) -> bool:
+        if self.text is None:
+            return False
+        reason = _recipe(dataset).uncacheable_reason
+        if reason:
+            logger.warning("text is not cached (%s): captions are encoded on the fly", reason)
         return reason is None
 
     def reload(self) -> None:
@@ -296,11 +279,11 @@ class FeatureCache:
         n = len(dataset)
         own_rows = list(range(rank, n, world))
 
-        jobs: list[tuple[int, str, list[tuple[str, bool]]]] = []  # (row, digest, [(key, flip)]): no cells held
+        jobs: list[tuple[int, str, Optional[tuple], list[tuple[str, bool]]]] = []  # (row, digest, size, [(key, flip)])
         text_jobs: list[tuple[str, str]] = []
         digests = _FileDigests(self.dir / "files") if self.caches_latents_for(dataset) else None
         if digests is not None:
-            context = latent_context(self.vae, dataset.transform.resolution, self.store_dtype)
+            lat_ctx = latent_context(self.vae, dataset.transform.resolution, self.store_dtype)
             flips = (False, True) if dataset.transform.random_flip else (False,)
             queued: set[str] = set()
             for row, cell in zip(own_rows, _column(dataset.ds, dataset.image_column, own_rows)):
@@ -310,15 +293,16 @@ class FeatureCache:
                     logger.warning("cache: skipping unreadable image at row %d (%s)", row, _cell_name(cell))
                     continue
                 missing = []
+                size = _row_size(dataset, row)
                 for flip in flips:
-                    key = latent_key(context, digest, flip)
+                    key = latent_key(lat_ctx, digest, flip, size)
                     stats.latents_total += 1
                     if key not in self.latents and key not in queued:
                         queued.add(key)
                         missing.append((key, flip))
                 if missing:
-                    jobs.append((row, digest, missing))
-        if self.text is not None:
+                    jobs.append((row, digest, size, missing))
+        if self.caches_text_for(dataset):
             context = text_context(self.tokenizer, self.text_encoder, self.clip_skip, self.store_dtype)
             unique = distinct_captions(dataset)
             for caption in unique[rank::world]:
@@ -334,7 +318,8 @@ class FeatureCache:
         try:
             if jobs:
                 writer = _ShardWriter(self.latents, self.shard_size, rank, self.store_dtype)
-                stats.latents_encoded, bad = self._encode_latents(dataset, jobs, writer, digests, batch_size, bar)
+                stats.latents_encoded, bad = self._encode_latents(dataset, jobs, writer, digests, batch_size, bar,
+                                                                  lat_ctx, queued)
                 writer.flush()
                 stats.skipped_images += bad
                 stats.shards += writer.written
@@ -354,41 +339,69 @@ class FeatureCache:
         self.reload()
         return stats
 
-    def _encode_latents(self, dataset, jobs, writer, digests, batch_size, bar) -> tuple[int, int]:
+    def _encode_latents(self, dataset, jobs, writer, digests, batch_size, bar, context, queued) -> tuple[int, int]:
         vae, encoded, bad = self.vae, 0, 0
-        keys: list[str] = []
-        pixels: list[torch.Tensor] = []
+        pending: dict[Optional[tuple], tuple[list[str], list[torch.Tensor]]] = {}  # a batch per output size
 
-        def run():
+        def run(size):
             nonlocal encoded
+            keys, pixels = pending.pop(size)
             x = torch.stack(pixels).to(device=vae.device, dtype=vae.dtype)
             params = vae.encode(x).latent_dist.parameters
             for key, p in zip(keys, params):
                 writer.add(key, p)
             encoded += len(keys)
             bar.update(len(keys))
-            keys.clear()
-            pixels.clear()
 
-        for row, digest, missing in jobs:
+        def add(image, size, missing):
+            plain = _pixels(dataset.transform, image, size)
+            keys, pixels = pending.setdefault(size, ([], []))
+            for key, flip in missing:
+                keys.append(key)
+                pixels.append(torch.flip(plain, dims=[2]) if flip else plain)
+            if len(keys) >= batch_size:
+                run(size)
+
+        for row, digest, size, missing in jobs:
             cell = dataset.ds[row][dataset.image_column]
             try:
-                plain = _pixels(dataset.transform, open_image(cell))
+                image = open_image(cell)
             except Exception as err:  # never crash on a bad file: skip it (the dataset will too)
                 bad += 1
                 digests.mark_undecodable(digest)
                 bar.update(len(missing))
                 logger.warning("cache: skipping undecodable image at row %d (%s: %s: %s)", row,
                                _cell_name(cell), type(err).__name__, err)
+                if size is not None:  # the dataset serves the next readable row instead, at this row's bucket size
+                    image, missing = self._replacement(dataset, row, size, digests, context, queued)
+                    if image is not None and missing:
+                        bar.total += len(missing)
+                        add(image, size, missing)
                 continue
-            for key, flip in missing:
-                keys.append(key)
-                pixels.append(torch.flip(plain, dims=[2]) if flip else plain)
-                if len(keys) >= batch_size:
-                    run()
-        if keys:
-            run()
+            add(image, size, missing)
+        for size in list(pending):
+            run(size)
         return encoded, bad
+
+    def _replacement(self, dataset, row, size, digests, context, queued) -> tuple[Any, list[tuple[str, bool]]]:
+        """(image, missing [(key, flip)]) of the row the dataset reads instead of undecodable ``row`` (the next
+        readable one, as :class:`~latentsd.data.datasets.CaptionImageDataset` does), keyed at ``size``."""
+        n = len(dataset)
+        flips = (False, True) if dataset.transform.random_flip else (False,)
+        for step in range(1, min(n, getattr(dataset, "max_tries", 100))):
+            cell = dataset.ds[(row + step) % n][dataset.image_column]
+            digest = digests.digest(cell)
+            if digest is None or digest in digests.undecodable:
+                continue
+            try:
+                image = open_image(cell)
+            except Exception:
+                continue
+            keys = [(latent_key(context, digest, flip, size), flip) for flip in flips]
+            missing = [(key, flip) for key, flip in keys if key not in self.latents and key not in queued]
+            queued.update(key for key, _ in missing)
+            return image, missing
+        return None, []
 
     def _encode_text(self, jobs, writer, batch_size, bar) -> int:
         from ..text import PromptEncoder
@@ -403,12 +416,12 @@ class FeatureCache:
         return len(jobs)
 
     # ---- reading
-    def wrap(self, dataset: Any, strict: bool = True) -> "CachedCaptionDataset":
+    def wrap(self, dataset: Any, strict: bool = True) -> CachedCaptionDataset:
         """A :class:`CachedCaptionDataset` over ``dataset`` reading this cache (call after precompute on
         all processes and a barrier). ``strict`` raises :class:`CacheMissingError` if entries are missing."""
         _check_map_style(dataset)
         self.reload()
-        row_keys = latents = text = None
+        row_digests = latents = text = None
         lat_ctx = txt_ctx = None
         n_bad = 0
         if self.caches_latents_for(dataset):
@@ -416,24 +429,31 @@ class FeatureCache:
             digests = _FileDigests(self.dir / "files")
             lat_ctx = latent_context(self.vae, dataset.transform.resolution, self.store_dtype)
             flips = (False, True) if dataset.transform.random_flip else (False,)
-            row_keys, missing = [], 0
-            for cell in _column(dataset.ds, dataset.image_column):
+            row_digests, missing = [], 0
+            for row, cell in enumerate(_column(dataset.ds, dataset.image_column)):
                 digest = digests.digest(cell)
                 if digest is None or digest in digests.undecodable:
-                    row_keys.append(None)
+                    row_digests.append(None)
                     n_bad += 1
                     continue
-                keys = tuple(latent_key(lat_ctx, digest, f) for f in flips)
-                missing += sum(k not in latents for k in keys)
-                row_keys.append(keys)
+                size = _row_size(dataset, row)
+                missing += sum(latent_key(lat_ctx, digest, f, size) not in latents for f in flips)
+                row_digests.append(digest)
             if missing and strict:
                 raise CacheMissingError(
                     f"{missing} latent entries of {len(dataset)} rows are not in the cache at {self.dir}: run "
                     "precompute on every process and wait for all of them before wrapping the dataset")
+            if n_bad and n_bad == len(dataset):  # nothing to train on: name the first files, as the dataset does
+                from .validate import unreadable_error
+
+                rows = range(min(n_bad, 5))
+                failed = [(r, _cell_name(dataset.ds[r][dataset.image_column]), ValueError("not a readable image"))
+                          for r in rows]
+                raise unreadable_error(getattr(dataset, "source", "?"), failed, n_bad, n_bad)
             if n_bad:
                 logger.warning("%d of %d images are unreadable: those rows are skipped (the next row is used)",
                                n_bad, len(dataset))
-        if self.text is not None:
+        if self.caches_text_for(dataset):
             text = self.text
             txt_ctx = text_context(self.tokenizer, self.text_encoder, self.clip_skip, self.store_dtype)
             missing = sum(text_key(txt_ctx, c) not in text for c in distinct_captions(dataset))
@@ -443,14 +463,16 @@ class FeatureCache:
                     "process and wait for all of them before wrapping the dataset")
         else:
             logger.info("text is not cached: captions are encoded by the trainer")
-        return CachedCaptionDataset(dataset, latents=latents, row_keys=row_keys, text=text, text_context=txt_ctx)
+        return CachedCaptionDataset(dataset, latents=latents, row_digests=row_digests, latent_context=lat_ctx,
+                                    text=text, text_context=txt_ctx)
 
 
 def distinct_captions(dataset: Any) -> list[str]:
-    """Every caption string the dataset can yield, ``""`` first, then in order of first appearance."""
-    seen = {"": None}
+    """Every caption string the dataset can yield (after its caption template), ``""`` first, then in order of
+    first appearance. Raises ``ValueError`` for captions with shuffled or dropped tags (too many strings)."""
+    recipe, seen = _recipe(dataset), {"": None}
     for cell in _column(dataset.ds, dataset.caption_column):
-        for c in _caption_options(cell):
+        for c in recipe.variants(cell):
             seen.setdefault(c, None)
     return list(seen)
 
@@ -464,132 +486,6 @@ def precompute(dataset: Any, cache_dir: str | os.PathLike, *, vae: Any = None, t
                          clip_skip=clip_skip, shard_size=shard_size)
     return cache.precompute(dataset, batch_size=batch_size, rank=rank, world=world,
                             accelerator=accelerator, progress=progress)
-
-
-# =========================================================================== the dataset
-
-
-class CachedCaptionDataset(torch.utils.data.Dataset):
-    """Map-style dataset reading cached entries; per-sample randomness identical to ``CaptionImageDataset``.
-
-    ``ds[i]`` draws from ``sample_generator(seed, epoch, i)``: the caption pick and dropout first
-    (:func:`choose_caption`), then the transform's three draws (the third decides the flip), exactly like
-    the wrapped dataset, and returns ``{"latent_params": FloatTensor[2C,h,w]`` (or ``"pixel_values"`` when
-    latents are not cached), ``"prompt_embeds": FloatTensor[77,D]`` (only when text is cached),
-    ``"caption": str`` (always: the chosen string), ``"index": i, "num_skipped": k}``. An unreadable image
-    is skipped as the wrapped dataset does (the next row, same randomness), counted in ``num_skipped`` and in
-    ``self.num_skipped`` / ``self.skipped_indices``. Build it with :meth:`FeatureCache.wrap`.
-    """
-
-    max_tries = 100
-
-    def __init__(self, base: Any, *, latents: Optional[ShardStore], row_keys: Optional[list],
-                 text: Optional[ShardStore], text_context: Optional[str]):
-        self.base = base
-        self.latents, self.row_keys = latents, row_keys
-        self.text, self.text_context = text, text_context
-        self.transform, self.caption_dropout = base.transform, base.caption_dropout
-        self.seed, self.epoch = base.seed, base.epoch
-        self.captions = list(_column(base.ds, base.caption_column)) if latents is not None else None
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        self.base.set_epoch(epoch)
-
-    # the wrapped dataset's surface, for code written against it (buckets.image_sizes, skip counting)
-    @property
-    def ds(self):
-        return self.base.ds
-
-    @property
-    def image_column(self) -> str:
-        return self.base.image_column
-
-    @property
-    def caption_column(self) -> str:
-        return self.base.caption_column
-
-    def _record_skip(self, row: int, cell: Any, err: Exception) -> None:
-        self.base._record_skip(row, cell, err)
-
-    def set_bucket_sizes(self, sizes) -> None:
-        """Aspect-ratio buckets (pixels on the fly only: cached latents are the square center crop)."""
-        if self.latents is not None and sizes is not None:
-            raise ValueError("aspect-ratio buckets need latents encoded on the fly: the cache holds square "
-                             "center crops (set cache.latents=false or data.buckets=false)")
-        self.base.set_bucket_sizes(sizes)
-
-    def target_size(self, index: int):
-        return self.base.target_size(index) if hasattr(self.base, "target_size") else None
-
-    @property
-    def num_skipped(self) -> int:
-        return self.base.num_skipped
-
-    @property
-    def skipped_indices(self) -> set[int]:
-        return self.base.skipped_indices
-
-    def __getitem__(self, index: int) -> dict:
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} samples")
-        index %= n
-        for attempt in range(min(n, self.max_tries)):
-            sample = self._sample((index + attempt) % n, index, attempt)
-            if sample is not None:
-                return sample
-        raise RuntimeError(f"{min(n, self.max_tries)} consecutive unreadable images starting at row {index}: "
-                           "check the dataset (see the warnings above)")
-
-    def _skip(self, row: int, err: Exception) -> None:
-        cell = self.base.ds[row][self.base.image_column]
-        self.base._record_skip(row, cell, err)
-
-    def _sample(self, row: int, index: int, attempt: int) -> Optional[dict]:
-        if self.latents is None:  # pixels on the fly, exactly as the wrapped dataset makes them
-            record = self.base.ds[row]
-            cell = record[self.base.image_column]
-            try:
-                image = open_image(cell)
-            except Exception as err:
-                self.base._record_skip(row, cell, err)
-                return None
-            size = self.target_size(index)  # aspect-ratio bucket, if the wrapped dataset has one for i
-            extra = () if size is None else (size,)
-            made = self.base._make(image, record[self.base.caption_column], index, attempt, *extra)
-            out = {"pixel_values": made["pixel_values"], "caption": made["caption"]}
-        else:
-            keys = self.row_keys[row]
-            if keys is None:
-                self._skip(row, ValueError("unreadable when the cache was built"))
-                return None
-            g = sample_generator(self.seed, self.epoch, index)
-            caption = choose_caption(self.captions[row], g, self.caption_dropout)  # draws first: fixed order
-            flip = self.transform.draw(g)[2]  # the same draw CaptionImageDataset's transform makes
-            out = {"latent_params": self.latents.get(keys[1] if flip else keys[0]), "caption": caption}
-        if self.text is not None:
-            out["prompt_embeds"] = self.text.get(text_key(self.text_context, out["caption"]))
-        out["index"], out["num_skipped"] = index, attempt
-        return out
-
-
-def collate_cached(batch: Iterable[dict]) -> dict:
-    """Stack :class:`CachedCaptionDataset` samples: ``latent_params`` [B,2C,h,w] or ``pixel_values``
-    [B,3,H,W], ``prompt_embeds`` [B,77,D] when cached, ``caption`` list[str], ``index`` LongTensor[B],
-    ``num_skipped`` int (sum over the batch)."""
-    batch = list(batch)
-    if not batch:
-        raise ValueError("collate_cached got an empty batch")
-    out = {k: torch.stack([b[k] for b in batch]).contiguous()
-           for k in ("latent_params", "pixel_values", "prompt_embeds") if k in batch[0]}
-    out["caption"] = [b["caption"] for b in batch]
-    out["index"] = torch.tensor([b["index"] for b in batch], dtype=torch.long)
-    out["num_skipped"] = int(sum(b["num_skipped"] for b in batch))
-    return out
 
 
 def build_cached_dataset(dataset: Any, cache_dir: str | os.PathLike, *, vae: Any = None, tokenizer: Any = None,

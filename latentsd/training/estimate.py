@@ -153,9 +153,11 @@ class MetaRun:
             module.requires_grad_(any(module is f for f in full)).train(any(module is p for p in prepared))
             _cast(module, torch.float32 if any(module is f for f in full) else compute)
         if cfg.lora.enabled:
-            from .lora import add_lora
+            from .lora import add_lora, without_dropout_draws
 
             trained = add_lora(parts["unet"], parts["text_encoder"] if cfg.lora.text_encoder else None, cfg.lora)
+            for module in parts.values():
+                without_dropout_draws(module)  # LoHa/LoKr: no torch.rand(1) on the meta device
         else:
             trained = [p for module in prepared for p in module.parameters()]
         if cfg.model.gradient_checkpointing:
@@ -212,7 +214,9 @@ class MetaRun:
 
     def vae_encode_bytes(self) -> int:
         """The frozen VAE's encode of a batch (no grad; none when the latents are cached)."""
-        if self.cfg.cache.latents:
+        from ..data.cache import cache_plan
+
+        if cache_plan(self.cfg)["latents"][0]:  # cache.latents=auto resolves to false for e.g. random crops
             return 0
         vae, res = self.parts["vae"], self.cfg.data.resolution
         return (VAE_ENCODE_FACTOR * self.cfg.optim.train_batch_size * vae.config.block_out_channels[0] * res * res
