@@ -42,8 +42,11 @@ __all__ = [
     "LossConfig",
     "CacheConfig",
     "ValidationConfig",
+    "DreamBoothConfig",
+    "TextualInversionConfig",
     "TrainConfig",
     "LR_SCHEDULERS",
+    "OPTIMIZERS",
     "REPORT_TO",
     "opt",
     "section",
@@ -92,6 +95,9 @@ LR_SCHEDULERS = (
 )
 """Names accepted by ``diffusers.optimization.get_scheduler`` that need no extra arguments."""
 
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "schedulefree_adamw", "adafactor", "lion")
+"""Values of ``optim.optimizer`` (built by ``latentsd.training.optimizers.build_optimizer``)."""
+
 REPORT_TO = ("none", "all", "tensorboard", "wandb", "trackio", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab")
 """Values accepted for ``report_to`` ("none" disables tracking; the rest are accelerate trackers)."""
 
@@ -139,6 +145,14 @@ class DataConfig:
     bucket_max_aspect: float = opt(2.0, "widest/tallest bucket aspect ratio")
     missing_caption: Literal["empty", "error"] = opt(
         "empty", "a row without a caption: 'empty' trains it with '' (counted, warned once), 'error' stops and names the rows")
+    shuffle_tags: bool = opt(False, "split captions into tags at tag_separator and shuffle them per sample (the first keep_tokens stay first)")
+    keep_tokens: int = opt(0, "leading tags never shuffled nor dropped (e.g. the instance token)")
+    tag_separator: str = opt(",", "separator of a caption's tags (joined back with it and a space)")
+    tag_dropout: float = opt(0.0, "probability of dropping each tag (not the kept ones) per sample")
+    caption_template: str = opt("{caption}", "the trained caption: {caption} (after tags) and {instance} in a text, e.g. 'a photo of {caption}'")
+    instance_token: str = opt("", "what {instance} in caption_template stands for, e.g. sks")
+    mask_column: Optional[str] = opt(None, "column of per-image loss masks (grayscale: white = train, black = not; the image's size); null = none")
+    mask_from_alpha: bool = opt(False, "use each image's alpha channel as its loss mask (no alpha = all trained)")
 
     def check(self):
         if not self.dataset.strip():
@@ -152,6 +166,21 @@ class DataConfig:
             yield "max_samples", f"must be >= 1 or null (all samples), got {self.max_samples}"
         if self.num_workers < 0:
             yield "num_workers", f"must be >= 0, got {self.num_workers}"
+        yield from self._check_captions_and_masks()
+
+    def _check_captions_and_masks(self):
+        from .data.captions import template_problems
+
+        if self.keep_tokens < 0:
+            yield "keep_tokens", f"must be >= 0, got {self.keep_tokens}"
+        if not 0.0 <= self.tag_dropout <= 1.0:
+            yield "tag_dropout", f"must be in [0, 1], got {self.tag_dropout}"
+        if not self.tag_separator:
+            yield "tag_separator", "is empty: use e.g. ','"
+        for problem in template_problems(self.caption_template, self.instance_token):
+            yield "caption_template", problem
+        if self.mask_column is not None and self.mask_from_alpha:
+            yield "mask_column", "and data.mask_from_alpha are both set: masks come from one of them"
 
 
 @dataclass
@@ -170,8 +199,17 @@ class OptimConfig:
     scale_lr: bool = opt(False, "multiply learning_rate by batch size * accumulation * processes")
     train_batch_size: int = opt(1, "batch size per process (per GPU)")
     use_8bit_adam: bool = opt(False, "bitsandbytes 8-bit AdamW (needs bitsandbytes + CUDA)")
+    optimizer: Literal[OPTIMIZERS] = opt("adamw", "adamw, adamw8bit (bitsandbytes), prodigy (prodigyopt; learning_rate "
+                                                  "1.0), schedulefree_adamw (schedulefree; constant LR schedule), "
+                                                  "adafactor (transformers) or lion (lion-pytorch)")
+    optimizer_args: dict = opt({}, "extra keyword arguments for the optimizer, e.g. {d_coef: 2.0} for prodigy")
     max_nonfinite_steps: int = opt(5, "stop the run (naming the last good checkpoint) after this many optimizer steps "
                                       "in a row with a NaN/inf loss or gradient norm; each is skipped (0: never stop)")
+    compile: bool = opt(False, "torch.compile the UNet (forward and backward); the first steps compile it (about a "
+                               "minute on a GPU, many on a CPU, where it does not pay for small models)")
+    compile_backend: str = opt("inductor", "torch.compile backend (aot_eager: graph capture without code generation)")
+    channels_last: bool = opt(False, "UNet weights and activations in channels-last memory format (GPU convolutions; "
+                                     "no gain on CPU)")
 
     def check(self):
         if self.learning_rate <= 0:
@@ -193,6 +231,12 @@ class OptimConfig:
             yield "gradient_accumulation_steps", f"must be >= 1, got {self.gradient_accumulation_steps}"
         if self.train_batch_size < 1:
             yield "train_batch_size", f"must be >= 1, got {self.train_batch_size}"
+        if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
+            yield "use_8bit_adam", (f"is the older name of optimizer=adamw8bit and contradicts optimizer="
+                                    f"{self.optimizer}: drop optim.use_8bit_adam")
+        if self.optimizer == "schedulefree_adamw" and self.lr_scheduler not in ("constant", "constant_with_warmup"):
+            yield "lr_scheduler", (f"is {self.lr_scheduler!r}, but schedule-free AdamW replaces the LR schedule (it "
+                                   "warms up over lr_warmup_steps itself): set optim.lr_scheduler=constant")
 
 
 @dataclass
@@ -226,26 +270,42 @@ class LoRAConfig:
     """Low-rank adapters (peft) instead of full fine-tuning."""
 
     enabled: bool = opt(False, "train LoRA adapters; the base weights stay frozen")
+    variant: Literal["lora", "dora", "loha", "lokr"] = opt("lora", "adapter kind (peft): lora, dora (weight-decomposed LoRA), loha (Hadamard product), lokr (Kronecker product)")
     rank: int = opt(4, "adapter rank r")
     alpha: Optional[float] = opt(None, "scale numerator (effective scale alpha / rank); null = rank")
-    dropout: float = opt(0.0, "dropout on the adapter input")
+    dropout: float = opt(0.0, "dropout on the adapter input (lora and dora only)")
     target_modules: list = opt(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules to adapt (attention projections)")
+    conv: bool = opt(False, "LoCon: also adapt the UNet's ResNet blocks and up/down samplers (conv1, conv2, conv_shortcut, time_emb_proj, sampler convs), as kohya's conv_dim does")
+    conv_rank: Optional[int] = opt(None, "rank of the 3x3 conv adapters when `conv`; null = rank")
+    conv_alpha: Optional[float] = opt(None, "alpha of the 3x3 conv adapters; null = the same scale alpha / rank as the others")
     text_encoder: bool = opt(False, "also adapt the text encoder")
     text_encoder_target_modules: list = opt(["q_proj", "k_proj", "v_proj", "out_proj"], "text encoder modules to adapt")
 
     def check(self):
         if self.rank < 1:
             yield "rank", f"must be >= 1, got {self.rank}"
+        if self.conv_rank is not None and self.conv_rank < 1:
+            yield "conv_rank", f"must be >= 1 or null, got {self.conv_rank}"
         if not 0.0 <= self.dropout < 1.0:
             yield "dropout", f"must be in [0, 1), got {self.dropout}"
+        if self.dropout and self.variant in ("loha", "lokr"):
+            yield "dropout", f"peft's {self.variant} has no input dropout: set lora.dropout=0 (or use lora/dora)"
 
 
 @dataclass
 class LossConfig:
-    """Loss weighting, noise tricks and which timesteps are trained."""
+    """Loss function and weighting, noise tricks and which timesteps are trained."""
 
+    type: Literal["mse", "huber", "smooth_l1"] = opt("mse", "mse; huber: 2c(sqrt(r^2 + c^2) - c), MSE-like for small "
+                                                             "errors r, L1-like for large; smooth_l1: the same / c")
+    huber_c: float = opt(0.1, "pseudo-Huber c of huber / smooth_l1: the constant, or the value at t = T of a schedule")
+    huber_schedule: Literal["constant", "exponential", "snr"] = opt(
+        "snr", "c over timesteps (Khrapov et al. 2024): constant; exponential from 1 at t = 0 to huber_c at t = T; "
+               "snr: (1 - huber_c) / (1 + sigma_t)^2 + huber_c")
     snr_gamma: Optional[float] = opt(None, "min-SNR-gamma weighting (Hang et al. 2023), e.g. 5; null = off")
     inverse_snr_max: Optional[float] = opt(None, "also weight by clamp(1/SNR, 1, this): more weight at high noise; null = off")
+    debiased_estimation: bool = opt(False, "weight by 1/sqrt(SNR) (Yu et al. 2024; SNR clamped to [1e-3, 1000]), in "
+                                           "epsilon terms like min-SNR: with v- or x0-targets converted once")
     noise_offset: float = opt(0.0, "add offset * N(0,1) per channel to the noise (brighter/darker images), e.g. 0.05")
     input_perturbation: float = opt(0.0, "perturb the noise fed to the model by this * N(0,1) (Ning et al. 2023), e.g. 0.1")
     timestep_min: int = opt(0, "smallest trained timestep (inclusive)")
@@ -253,6 +313,7 @@ class LossConfig:
     high_noise_fraction: float = opt(0.0, "fraction of each batch drawn from [high_noise_start, timestep_max)")
     high_noise_start: int = opt(600, "start of the high-noise timestep range")
     zero_terminal_snr: bool = opt(False, "rescale betas to zero terminal SNR (Lin et al. 2023); use with v_prediction")
+    unmasked_weight: float = opt(0.0, "loss weight outside the loss masks (data.mask_column / mask_from_alpha): 0 = ignore, 1 = no masking")
 
     def check(self):
         if self.snr_gamma is not None and self.snr_gamma <= 0:
@@ -263,14 +324,21 @@ class LossConfig:
             yield "timestep_min", f"need 0 <= timestep_min < timestep_max, got {self.timestep_min}, {self.timestep_max}"
         if not 0.0 <= self.high_noise_fraction <= 1.0:
             yield "high_noise_fraction", f"must be in [0, 1], got {self.high_noise_fraction}"
+        if not 0.0 <= self.unmasked_weight <= 1.0:
+            yield "unmasked_weight", f"must be in [0, 1], got {self.unmasked_weight}"
+        if self.huber_c <= 0 or (self.huber_schedule != "constant" and self.huber_c > 1):
+            limit = "in (0, 1] (the schedule falls from 1 to huber_c)" if self.huber_schedule != "constant" else "> 0"
+            yield "huber_c", f"must be {limit}, got {self.huber_c}"
 
 
 @dataclass
 class CacheConfig:
     """Precomputed VAE latents and text-encoder outputs, on disk in shards, keyed by content hashes."""
 
-    latents: bool = opt(False, "cache VAE latents (needs a frozen VAE; flips cached as a second variant)")
-    text: bool = opt(False, "cache text-encoder outputs (needs a frozen text encoder)")
+    latents: Union[bool, Literal["auto"]] = opt("auto", "cache VAE latents: auto = when the VAE is frozen and the data allows "
+                                                        "(center crop, map-style, no buckets); flips cached as a second variant")
+    text: Union[bool, Literal["auto"]] = opt("auto", "cache text-encoder outputs: auto = when the text encoder is frozen and "
+                                                     "the captions allow (map-style, no tag shuffling)")
     dir: str = opt("", "cache folder; empty = <output_dir>/cache (share it between runs to reuse entries)", path=True)
     shard_size: int = opt(1024, "entries per shard file")
 
@@ -301,6 +369,95 @@ class ValidationConfig:
             yield "holdout", f"must be >= 0, got {self.holdout}"
 
 
+@dataclass
+class DreamBoothConfig:
+    """DreamBooth: the instance images (data.dataset) learn an identifier; prior preservation trains class images
+    the base model generated once (cached on disk) beside them, in the same batch."""
+
+    enabled: bool = opt(False, "train DreamBooth on data.dataset (the instance images)")
+    instance_prompt: str = opt("", "caption of every instance image, e.g. 'a photo of sks dog' (then data.dataset may "
+                                   "be a folder of images only); empty = the dataset's own captions")
+    class_prompt: Union[str, list] = opt("", "prompt (or list of prompts, cycled) of the class images, e.g. 'a photo of "
+                                             "a dog'; empty = no prior preservation")
+    num_class_images: int = opt(100, "class images generated with the base model and trained")
+    prior_loss_weight: float = opt(1.0, "loss = instance MSE + this x class MSE (0 = no prior preservation)")
+    class_data_dir: str = opt("", "class image cache: one subfolder per base model, class prompt and generation "
+                                  "settings, reused across runs; empty = <cache dir>/class_images", path=True)
+    class_steps: int = opt(25, "DDIM steps of the class images")
+    class_guidance: float = opt(7.5, "guidance scale of the class images")
+    class_seed: int = opt(0, "seed of the class images (image i has its own generator: the seed and i)")
+    class_batch_size: int = opt(4, "class images generated per batch")
+
+    @property
+    def class_prompts(self) -> list[str]:
+        return [self.class_prompt] if isinstance(self.class_prompt, str) else list(self.class_prompt)
+
+    @property
+    def prior_preservation(self) -> bool:
+        return self.enabled and self.prior_loss_weight > 0 and any(p.strip() for p in self.class_prompts)
+
+    def check(self):
+        prompts = self.class_prompts
+        if not all(isinstance(p, str) for p in prompts) or (len(prompts) > 1 and not all(p.strip() for p in prompts)):
+            yield "class_prompt", f"must be a string or a list of non-empty strings, got {self.class_prompt!r}"
+        if self.prior_loss_weight < 0:
+            yield "prior_loss_weight", f"must be >= 0 (0 = no prior preservation), got {self.prior_loss_weight}"
+        for name in ("num_class_images", "class_steps", "class_batch_size"):
+            if getattr(self, name) < 1:
+                yield name, f"must be >= 1, got {getattr(self, name)}"
+
+    def conflicts(self, cfg):
+        """Settings of other sections DreamBooth cannot work with (keys relative to the top level)."""
+        if not self.enabled:
+            return
+        if cfg.data.streaming:
+            yield "dreambooth.enabled", "needs a map-style dataset: set data.streaming=false"
+        if self.prior_preservation and cfg.data.buckets:
+            yield "dreambooth.enabled", ("with prior preservation batches pair instance and class images of one size: "
+                                         "set data.buckets=false")
+        if cfg.validation.holdout:
+            yield "dreambooth.enabled", "the instance images are all trained: set validation.holdout=0"
+
+
+@dataclass
+class TextualInversionConfig:
+    """Textual inversion: new tokens whose embedding vectors are learned with everything else frozen; with
+    lora.enabled, pivotal tuning (the tokens and the LoRA adapters together)."""
+
+    tokens: list[str] = opt([], "new tokens to learn, e.g. ['<sks>'], written in the captions; empty = off")
+    num_vectors: int = opt(1, "embedding vectors per token (in prompts a token expands to token, token_1, ...)")
+    init_word: str = opt("", "word(s) whose token embeddings start the vectors (cycled); empty = the mean embedding")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens)
+
+    def check(self):
+        if self.num_vectors < 1:
+            yield "num_vectors", f"must be >= 1, got {self.num_vectors}"
+        if len(set(self.tokens)) < len(self.tokens):
+            yield "tokens", f"has duplicates: {self.tokens}"
+        for token in self.tokens:
+            if not token.strip() or token != token.strip() or len(token.split()) > 1:
+                yield "tokens", f"{token!r} must be one word without spaces, e.g. '<sks>'"
+            elif token != token.lower():
+                yield "tokens", f"{token!r}: CLIP lowercases prompts, so it would never match; use {token.lower()!r}"
+        stems = [token_file_stem(t) for t in self.tokens]
+        if "" in stems or len(set(stems)) < len(stems):
+            yield "tokens", (f"{self.tokens} must give distinct file names when <, > and other characters outside "
+                             "[A-Za-z0-9._-] are dropped (A1111 takes the token from the file name)")
+
+    def conflicts(self, cfg):
+        if self.enabled and cfg.model.train_text_encoder:
+            yield "ti.tokens", ("trains only the new tokens' vectors, model.train_text_encoder=true the whole text "
+                                "encoder: set one of them")
+
+
+def token_file_stem(token: str) -> str:
+    """The file name an embedding of ``token`` is saved under (``<glyph>`` -> ``glyph``): A1111's token."""
+    return re.sub(r"[^A-Za-z0-9._-]", "", token)
+
+
 RESUME_WORDS = ("none", "latest", "latest_or_fail")  # any other `resume` value is a checkpoint path
 
 
@@ -328,6 +485,12 @@ class TrainConfig:
     loss: LossConfig = section(LossConfig, "loss weighting and noise tricks")
     cache: CacheConfig = section(CacheConfig, "precomputed latents / text embeddings")
     validation: ValidationConfig = section(ValidationConfig, "validation images and loss")
+    dreambooth: DreamBoothConfig = section(DreamBoothConfig, "DreamBooth with prior preservation")
+    ti: TextualInversionConfig = section(TextualInversionConfig, "textual inversion (new tokens; + lora: pivotal tuning)")
+
+    def text_encoder_trained(self) -> bool:
+        """Whether any text-encoder weight trains: all of them, LoRA adapters, or new textual-inversion vectors."""
+        return self.model.train_text_encoder or (self.lora.enabled and self.lora.text_encoder) or self.ti.enabled
 
     def check(self):
         if self.max_steps < 1:
@@ -346,6 +509,11 @@ class TrainConfig:
             yield "resume", f"got {self.resume!r}: write it lowercase ({self.resume.strip().lower()!r})"
         if self.report_to not in REPORT_TO:
             yield "report_to", f"must be one of {', '.join(map(repr, REPORT_TO))}, got {self.report_to!r}"
+        yield from self.dreambooth.conflicts(self)
+        yield from self.ti.conflicts(self)
+        if getattr(self.ema, "enabled", False) and self.optim.optimizer == "schedulefree_adamw":  # (subclasses may swap ema)
+            yield "ema.enabled", ("schedule-free AdamW already averages the weights (its eval-mode weights validate "
+                                  "and export): set ema.enabled=false")
 
 
 # --------------------------------------------------------------------------- YAML flavour

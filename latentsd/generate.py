@@ -143,18 +143,19 @@ def generate_to_file(pipe, prompt: str, out: str | Path, negative_prompt: str | 
                      steps: int = 50, guidance: float = 7.5, seed: int = 0, num_images: int = 1,
                      height: int | None = None, width: int | None = None, eta: float = 0.0,
                      long_prompts: bool = False, prompt_weighting: bool = False, init_image=None, mask=None,
-                     strength: float | None = None) -> Path:
+                     strength: float | None = None, fast: bool = False) -> Path:
     """Generate ``num_images`` for one prompt with a seeded generator and save them (a grid when > 1).
 
     ``long_prompts``: 75-token chunks instead of diffusers' 77-token truncation; ``prompt_weighting``: A1111
     ``(word:1.3)`` weights (both: ``LatentDiffusionPipeline.__call__``). ``init_image`` (PIL) starts from that
     image (``strength``: default 0.8), ``mask`` (PIL, white = repaint) inpaints it (default strength 1): see
-    :func:`image_pipeline`."""
+    :func:`image_pipeline`. ``fast``: ``pipe.optimize()`` first (:mod:`latentsd.fast`; after LoRA and embeddings)."""
     from .images import save_images
     from .samplers import check_steps
 
     check_steps(pipe.scheduler, steps)
     pipe, image_kw = image_pipeline(pipe, init_image, mask, strength, height, width)
+    pipe = pipe.optimize() if fast else pipe
     generator = torch.Generator(pipe.device).manual_seed(seed)
     images = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                   num_images_per_prompt=num_images, generator=generator, eta=eta, long_prompts=long_prompts,

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
+import PIL.Image
 import pytest
 import torch
 
@@ -28,7 +29,9 @@ from latentsd.data.cache import (
     sample_from_params,
     tokenizer_fingerprint,
 )
+from latentsd.data.buckets import make_bucket_sampler
 from latentsd.data.datasets import CaptionImageDataset, build_train_dataset
+from latentsd.data.fingerprints import latent_key
 from latentsd.data.shapes import make_shapes_dataset, write_imagefolder
 from latentsd.latents import encode
 from latentsd.text import PromptEncoder
@@ -372,7 +375,7 @@ def test_fingerprints(tiny):
     assert tokenizer_fingerprint(tok) == before
 
 
-def test_pickles_for_workers_and_refuses_buckets_on_cached_latents(tiny, folder, tmp_path):
+def test_pickles_for_workers_and_buckets_after_the_cache_are_refused(tiny, folder, tmp_path):
     import pickle
 
     base = make_base(*_rows(folder), random_flip=True)
@@ -385,10 +388,8 @@ def test_pickles_for_workers_and_refuses_buckets_on_cached_latents(tiny, folder,
     again = clone[3]
     assert torch.equal(first["latent_params"], again["latent_params"]) and first["caption"] == again["caption"]
 
-    if not hasattr(CaptionImageDataset, "set_bucket_sizes"):
-        pytest.skip("this datasets.py has no aspect-ratio buckets")
-    with pytest.raises(ValueError, match="buckets"):
-        wrapped.set_bucket_sizes([(32, 64)] * N)
+    with pytest.raises(ValueError, match="bucket sizes must be set before the latent cache is built"):
+        wrapped.set_bucket_sizes([(32, 64)] * N)  # its latents are square: buckets come first
     text_only = make_cache(tmp_path / "cache", tiny, vae=None).wrap(base)
     ref = make_base(*_rows(folder), random_flip=True)
     for d in (text_only, ref):
@@ -396,4 +397,91 @@ def test_pickles_for_workers_and_refuses_buckets_on_cached_latents(tiny, folder,
         d.set_epoch(2)
     got, want = text_only[2], ref[2]
     assert got["pixel_values"].shape == (3, 32, 64) and torch.equal(got["pixel_values"], want["pixel_values"])
-    assert not make_cache(tmp_path / "cache", tiny).caches_latents_for(ref)  # bucketed dataset: on the fly
+
+
+# --------------------------------------------------------------------------- aspect-ratio buckets
+
+# resolution 64, bucket step 16: buckets (48, 80), (64, 64), (80, 48); (w, h) per image, in PIL's order
+MIXED = [(128, 64), (64, 128), (96, 96), (120, 60), (64, 64), (60, 100), (128, 64), (96, 96)]
+CORRUPT_ROW = 6  # a wide image cut in half: its header reads (it gets a bucket), its pixels do not decode
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mixed")
+    rng = torch.Generator().manual_seed(0)
+    lines = []
+    for i, (w, h) in enumerate(MIXED):
+        pixels = torch.randint(0, 256, (h, w, 3), generator=rng, dtype=torch.uint8).numpy()
+        PIL.Image.fromarray(pixels).save(root / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"picture number {i}"}))
+    data = (root / f"{CORRUPT_ROW}.png").read_bytes()
+    (root / f"{CORRUPT_ROW}.png").write_bytes(data[: len(data) // 2])
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _bucketed(folder: Path, *extra: str):
+    cfg = load_config("configs/train/tiny.yaml", [f"data.dataset={folder}", "data.resolution=64", "data.buckets=true",
+                                                  "data.bucket_step=16", "data.random_flip=true", *extra])
+    ds = build_train_dataset(cfg.data, seed=1)
+    make_bucket_sampler(ds, cfg.data, batch_size=1, seed=1)
+    return ds
+
+
+def test_bucketed_latents_are_cached_at_each_bucket_size(tiny, mixed_folder, tmp_path):
+    base, ref = _bucketed(mixed_folder), _bucketed(mixed_folder)
+    cache = make_cache(tmp_path / "cache", tiny)
+    stats = cache.precompute(base, batch_size=3)
+    assert stats.skipped_images == 1
+    assert stats.latents_encoded == 2 * (len(MIXED) - 1) + 2  # plain + flipped, and the corrupt row's stand-in
+    wrapped = make_cache(tmp_path / "cache", tiny).wrap(base)
+    shapes = set()
+    for epoch in range(3):
+        wrapped.set_epoch(epoch)
+        ref.set_epoch(epoch)
+        got = [wrapped[i] for i in range(len(MIXED))]
+        want = [ref[i] for i in range(len(MIXED))]
+        for g, w in zip(got, want):
+            with torch.no_grad():
+                params = tiny.vae.encode(w["pixel_values"][None]).latent_dist.parameters[0]
+            torch.testing.assert_close(g["latent_params"], params, atol=1e-5, rtol=1e-5)
+            assert g["caption"] == w["caption"] and g["num_skipped"] == w["num_skipped"]
+            shapes.add(tuple(g["latent_params"].shape[1:]))
+    assert shapes == {(6, 10), (8, 8), (10, 6)}  # each image at its bucket's size, in latents (/8)
+    assert got[CORRUPT_ROW]["num_skipped"] == 1 and got[CORRUPT_ROW]["latent_params"].shape[1:] == (6, 10)
+
+    # a square bucket is the square: a run without buckets reuses those entries, encodes the rest
+    square = make_base(*_rows_of(mixed_folder), random_flip=True)
+    again = make_cache(tmp_path / "cache", tiny).precompute(square)
+    n_square = sum(w == h for w, h in MIXED)
+    assert again.latents_encoded == 2 * (len(MIXED) - 1 - n_square)
+    assert latent_key("c", "d", False, (48, 80)) not in {latent_key("c", "d", False), latent_key("c", "d", False, (80, 48))}
+
+
+def _rows_of(folder: Path) -> tuple[list[str], list]:
+    meta = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    return [str(folder / m["file_name"]) for m in meta], [m["text"] for m in meta]
+
+
+def test_bucketed_training_from_the_cache_gives_the_same_losses_and_resumes_exactly(mixed_folder, tmp_path):
+    from latentsd.training.logs import read_metrics
+    from latentsd.training.trainer import train
+
+    run = ["max_steps=4", "checkpoint_every=2", "checkpoints_total_limit=0", "optim.train_batch_size=2",
+           "data.buckets=true", "data.bucket_step=16", "data.random_flip=true", "data.caption_dropout=0.3"]
+    cached = run + ["cache.latents=true", "cache.text=true"]
+
+    def cfg(out, *extra):
+        return load_config("configs/train/tiny.yaml", [f"output_dir={tmp_path / out}", f"data.dataset={mixed_folder}",
+                                                      *extra])
+
+    train(cfg("plain", *run))
+    summary = train(cfg("cached", *cached))
+    train(cfg("resumed", *cached, f"resume={tmp_path}/cached/checkpoints/step-0000002"))
+    plain, warm, resumed = (read_metrics(tmp_path / d) for d in ("plain", "cached", "resumed"))
+    assert sorted(warm) == [1, 2, 3, 4] and sorted(resumed) == [3, 4]
+    for step in plain:
+        assert abs(plain[step]["loss"] - warm[step]["loss"]) < 1e-5
+    assert all(resumed[s]["loss"] == warm[s]["loss"] for s in resumed)
+    assert sorted((tmp_path / "cached/cache/latents").glob("*.safetensors")) and summary["steps"] == 4

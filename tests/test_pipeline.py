@@ -83,24 +83,51 @@ NO_SYNC_CALLS = {
 }
 
 
-@pytest.mark.parametrize("call", NO_SYNC_CALLS)
-def test_sampling_loop_never_syncs_with_the_host(tiny, monkeypatch, call):
-    """No .item() / tensor truthiness inside the loop: the loop can be compiled or graph-captured."""
-    pipe, _ = _pipes(tiny, DDPMScheduler.from_config(tiny.scheduler.config))
-    pipe.scheduler.set_timesteps(4)
+def _run_guarded(pipe, monkeypatch, **call) -> list[int]:
+    """Call ``pipe`` with a callback that, from the first step's end on, fails the test on any host sync."""
     calls = []
 
     def guard(p, i, t, kw):
-        if not calls:  # from the first step's end on, any host sync fails the test
+        if not calls:
             monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("item() in sampling loop"))
             monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: pytest.fail("bool(tensor) in loop"))
         calls.append(i)
         return {}
 
-    pipe(**NO_SYNC_CALLS[call], num_inference_steps=4, callback_on_step_end=guard, output_type="latent",
-         generator=torch.Generator().manual_seed(0))
+    pipe(**call, callback_on_step_end=guard, output_type="latent", generator=torch.Generator().manual_seed(0))
     monkeypatch.undo()
-    assert calls == [0, 1, 2, 3]
+    return calls
+
+
+@pytest.mark.parametrize("call", NO_SYNC_CALLS)
+def test_sampling_loop_never_syncs_with_the_host(tiny, monkeypatch, call):
+    """No .item() / tensor truthiness inside the loop: the loop can be compiled or graph-captured."""
+    pipe, _ = _pipes(tiny, DDPMScheduler.from_config(tiny.scheduler.config))
+    pipe.scheduler.set_timesteps(4)
+    assert _run_guarded(pipe, monkeypatch, **NO_SYNC_CALLS[call], num_inference_steps=4) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("scheduler", ["DDPM", "DDIM", "DPM++ 2M"])  # DPM++ 2M: a diffusers scheduler with no syncs
+@pytest.mark.parametrize("kind", ["img2img", "inpaint-4ch", "inpaint-9ch"])
+def test_image_to_image_and_inpainting_loops_never_sync_with_the_host(tiny, monkeypatch, kind, scheduler):
+    """The same for the strength-cut schedule, inpainting's latent blending and its 9-channel UNet input."""
+    from latentsd import LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline
+    from latentsd.models import build_components, load_model_config
+    from latentsd.samplers import make_scheduler
+
+    parts = tiny
+    if kind == "inpaint-9ch":
+        cfg = load_model_config("tiny")
+        cfg["unet"]["in_channels"] = 9
+        parts = build_components(cfg, seed=0)
+    cls = LatentDiffusionImg2ImgPipeline if kind == "img2img" else LatentDiffusionInpaintPipeline
+    pipe = cls(**{**parts.as_dict(), "scheduler": make_scheduler(scheduler, parts.scheduler.config)})
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    mask = {} if kind == "img2img" else {"mask_image": (torch.arange(64) < 32).float().expand(1, 1, 64, 64)}
+    calls = _run_guarded(pipe, monkeypatch, prompt="a red circle", image=image, strength=0.75, num_inference_steps=8,
+                         **mask)
+    assert calls == list(range(6))
 
 
 BAD_CALLS = [

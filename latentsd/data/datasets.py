@@ -35,6 +35,8 @@ from PIL import Image as PILImage
 
 from ..errors import UserError
 from ..paths import looks_local
+from .captions import TAG_STREAM, CaptionRecipe, pick_caption
+from .masks import LossMasks
 from .transforms import ImageTransform
 from .validate import (check_text_files, is_missing, load_error, missing_caption_error, missing_caption_rows,
                        unreadable_error, warn_missing_captions)
@@ -191,20 +193,25 @@ def _features(ds: HFDataset):
 
 
 def _resolve_image_paths(ds: HFDataset, data_cfg, base_dir: Path) -> HFDataset:
-    """If the image column holds relative path strings, make them relative to ``base_dir`` and cast to Image."""
+    """If the image column (or ``data.mask_column``) holds relative path strings, make them relative to
+    ``base_dir`` and cast to Image."""
     import datasets
 
     ds, features = _features(ds)
     columns = list(features) if features is not None else _peek_columns(ds)
     image_col, _ = resolve_columns(columns, features, data_cfg.image_column, data_cfg.caption_column)
-    if features is None or not _is_str(features[image_col]):
+    candidates = (image_col, getattr(data_cfg, "mask_column", None))
+    path_cols = [c for c in candidates if features is not None and c in features and _is_str(features[c])]
+    if not path_cols:
         return ds
 
     def absolutize(batch):
-        return {image_col: [_join_path(base_dir, p) for p in batch[image_col]]}
+        return {c: [_join_path(base_dir, p) for p in batch[c]] for c in path_cols}
 
     ds = ds.map(absolutize, batched=True, features=features)
-    return ds.cast_column(image_col, datasets.Image())
+    for column in path_cols:
+        ds = ds.cast_column(column, datasets.Image())
+    return ds
 
 
 def _join_path(base_dir: Path, p: Optional[str]) -> Optional[str]:
@@ -343,9 +350,13 @@ def resolve_columns(
 _MASK64 = (1 << 64) - 1
 
 
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded from a hash of ``(seed, epoch, index)`` (numpy SeedSequence mixing)."""
-    state = np.random.SeedSequence([seed & _MASK64, epoch & _MASK64, index & _MASK64]).generate_state(2, np.uint32)
+def sample_generator(seed: int, epoch: int, index: int, stream: int = 0) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded from a hash of ``(seed, epoch, index)`` (numpy SeedSequence mixing).
+
+    ``stream`` > 0 gives an independent generator for the same sample (e.g. the caption tags',
+    :data:`~latentsd.data.captions.TAG_STREAM`); stream 0 is the sample's main one."""
+    words = [seed & _MASK64, epoch & _MASK64, index & _MASK64] + ([stream & _MASK64] if stream else [])
+    state = np.random.SeedSequence(words).generate_state(2, np.uint32)
     g = torch.Generator()
     g.manual_seed((int(state[0]) | (int(state[1]) << 32)) & ((1 << 63) - 1))
     return g
@@ -355,16 +366,9 @@ def choose_caption(caption: Union[str, Sequence[str], None], generator: torch.Ge
     """Pick one caption (uniformly from a list) and apply dropout (-> exactly ``""``).
 
     Always draws two numbers from ``generator`` so the stream after it is the same for every row.
-    A missing caption (None / empty list) becomes ``""``.
+    A missing caption (None / empty list) becomes ``""``. (Tags and templates: :mod:`latentsd.data.captions`.)
     """
-    u_pick, u_drop = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
-    if isinstance(caption, (list, tuple)):
-        caption = caption[min(int(u_pick * len(caption)), len(caption) - 1)] if caption else ""
-    if caption is None:
-        caption = ""
-    if not isinstance(caption, str):
-        raise TypeError(f"caption must be a string or a list of strings, got {type(caption).__name__}: {caption!r}")
-    return "" if u_drop < dropout else caption
+    return pick_caption(caption, generator, dropout)[0]
 
 
 def open_image(value: Any) -> PILImage.Image:
@@ -394,6 +398,22 @@ def _cell_name(value: Any) -> str:
     return str(value)[:200] if isinstance(value, (str, os.PathLike)) else f"<{type(value).__name__}>"
 
 
+def _mask_columns(masks: LossMasks, columns: Sequence[str], features) -> list[str]:
+    """``[data.mask_column]`` checked against the dataset's columns (``[]`` without a mask column)."""
+    if masks.column is None:
+        return []
+    if masks.column not in columns:
+        close = difflib.get_close_matches(masks.column, list(columns), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise DatasetColumnError(f"data.mask_column={masks.column!r} is not a column of the dataset.{hint} Columns: "
+                                 f"{_describe(list(columns), features)} (in an imagefolder, a metadata key "
+                                 "'mask_file_name' becomes the column 'mask')")
+    if features is not None and not _is_image_like(features[masks.column]):
+        raise DatasetColumnError(f"data.mask_column={masks.column!r} has type {_ftype(features[masks.column])}; "
+                                 "expected grayscale images or image file paths")
+    return [masks.column]
+
+
 class _SampleMaker:
     """Shared by the map-style and streaming wrappers: column setup, sample construction, skip counting."""
 
@@ -407,12 +427,16 @@ class _SampleMaker:
         self.image_column, self.caption_column = resolve_columns(
             columns, features, data_cfg.image_column, data_cfg.caption_column
         )
-        ds = hf_dataset.select_columns([self.image_column, self.caption_column])  # don't decode unused columns
-        if features is not None and _is_image(features[self.image_column]):
-            # decode ourselves so one corrupt file is skipped instead of raising inside datasets
-            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
+        self.masks = LossMasks.from_config(data_cfg)  # loss masks: a mask column or the image's alpha
+        extra = _mask_columns(self.masks, columns, features)
+        ds = hf_dataset.select_columns([self.image_column, self.caption_column, *extra])  # don't decode unused columns
+        for column in (self.image_column, *extra):
+            if features is not None and _is_image(features[column]):
+                # decode ourselves so one corrupt file is skipped instead of raising inside datasets
+                ds = ds.cast_column(column, datasets.Image(decode=False))
         self.transform = ImageTransform.from_config(data_cfg)
         self.caption_dropout = float(data_cfg.caption_dropout)
+        self.captions = CaptionRecipe.from_config(data_cfg)  # pick, dropout, tags, template
         self.seed, self.epoch = int(seed), 0
         self.warn_every = warn_every
         self.num_skipped = 0  # skip events in this process (a bad file met in 3 epochs counts 3)
@@ -456,10 +480,15 @@ class _SampleMaker:
                 self.num_skipped, row, _cell_name(cell), type(err).__name__, err,
             )
 
+    def _caption(self, caption: Any, generator: torch.Generator, index: int) -> str:
+        """The sample's caption (draws two numbers from ``generator``; tags from their own stream)."""
+        tags = sample_generator(self.seed, self.epoch, index, TAG_STREAM) if self.captions.edits_tags else None
+        return self.captions(caption, generator, tags)
+
     def _make(self, image: PILImage.Image, caption: Any, index: int, num_skipped: int,
-              size: Optional[tuple[int, int]] = None) -> dict:
+              size: Optional[tuple[int, int]] = None, record: Optional[dict] = None) -> dict:
         g = sample_generator(self.seed, self.epoch, index)
-        text = choose_caption(caption, g, self.caption_dropout)  # draws first: fixed order
+        text = self._caption(caption, g, index)  # draws first: fixed order
         pixels, info = self.transform(image, g, size=size)  # size=None: the square resolution
         return {
             "pixel_values": pixels,
@@ -468,6 +497,7 @@ class _SampleMaker:
             "crop_top_left": info["crop_top_left"],
             "index": index,
             "num_skipped": num_skipped,
+            **self.masks(record or {}, image, info, pixels.shape[-2:], open_image),  # "loss_mask" when on
         }
 
 
@@ -539,7 +569,7 @@ class CaptionImageDataset(_SampleMaker, torch.utils.data.Dataset):
                 failed.append((row, _cell_name(cell), err))
                 continue
             # randomness keyed by the requested index, so a replacement row does not copy row+1's crop
-            return self._make(image, record[self.caption_column], index, attempt, self.target_size(index))
+            return self._make(image, record[self.caption_column], index, attempt, self.target_size(index), record)
         raise unreadable_error(self.source, failed, len(failed), n)
 
 
@@ -576,7 +606,8 @@ class StreamingCaptionImageDataset(_SampleMaker, torch.utils.data.IterableDatase
                 if len(failed) < 5:  # named in the error if nothing in this stream is readable
                     failed.append((index, _cell_name(cell), err))
                 continue
-            yield self._make(image, self._streamed_caption(row[self.caption_column], index, cell), index, pending)
+            yield self._make(image, self._streamed_caption(row[self.caption_column], index, cell), index, pending,
+                             record=row)
             pending, yielded = 0, True
         if pending and not yielded:
             raise unreadable_error(self.source, failed, pending, pending)
@@ -612,11 +643,14 @@ def describe_data_issues(issues: dict[str, int]) -> str:
 
 def collate(batch: Iterable[dict]) -> dict:
     """Stack samples: ``pixel_values`` FloatTensor[B,3,H,W], ``caption`` list[str], ``original_size`` and
-    ``crop_top_left`` LongTensor[B,2], ``index`` LongTensor[B], ``num_skipped`` int (sum over the batch)."""
+    ``crop_top_left`` LongTensor[B,2], ``index`` LongTensor[B], ``num_skipped`` int (sum over the batch), and
+    ``loss_mask`` FloatTensor[B,1,H,W] when the samples have one."""
     batch = list(batch)
     if not batch:
         raise ValueError("collate got an empty batch")
+    masks = {"loss_mask": torch.stack([b["loss_mask"] for b in batch])} if "loss_mask" in batch[0] else {}
     return {
+        **masks,
         "pixel_values": torch.stack([b["pixel_values"] for b in batch]).contiguous(),
         "caption": [b["caption"] for b in batch],
         "original_size": torch.tensor([b["original_size"] for b in batch], dtype=torch.long),

@@ -159,8 +159,21 @@ def latent_context(vae: Any, resolution: int, store_dtype: torch.dtype = STORE_D
     })
 
 
-def latent_key(context: str, digest: str, flip: bool) -> str:
-    return hashlib.sha256(f"{context}\0{digest}\0{'flip' if flip else 'plain'}".encode()).hexdigest()
+def latent_key(context: str, digest: str, flip: bool, size: Optional[tuple[int, int]] = None) -> str:
+    """An image's latent entry: ``size=(h, w)`` is an aspect bucket's (the image resized to cover it and
+    center-cropped to it), None the square ``resolution`` of the context. Pass a square bucket as None (its
+    pixels are the square's): :func:`bucket_size` does."""
+    variant = f"{context}\0{digest}\0{'flip' if flip else 'plain'}"
+    if size is not None:
+        variant += f"\0bucket {int(size[0])}x{int(size[1])}"
+    return hashlib.sha256(variant.encode()).hexdigest()
+
+
+def bucket_size(size: Optional[tuple[int, int]], resolution: int) -> Optional[tuple[int, int]]:
+    """A sample's output size as a cache key part: None for the square ``resolution`` (bucketed or not)."""
+    if size is None or (int(size[0]), int(size[1])) == (int(resolution), int(resolution)):
+        return None
+    return int(size[0]), int(size[1])
 
 
 def text_context(tokenizer: Any, text_encoder: Any, clip_skip: Optional[int] = None,

@@ -42,7 +42,7 @@ def check_start(acc, cfg) -> None:
     """Everything that must hold before training starts on several processes (see the module docstring)."""
     from accelerate.utils import DistributedType
 
-    text_encoder_trained = cfg.model.train_text_encoder or (cfg.lora.enabled and cfg.lora.text_encoder)
+    text_encoder_trained = cfg.text_encoder_trained()  # fully, LoRA or textual-inversion vectors
     check_fsdp(acc, cfg, text_encoder_trained)
     if acc.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(acc.state.deepspeed_plugin, cfg, text_encoder_trained)

@@ -30,8 +30,12 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         decay = self.current_decay()
-        for ema, p in zip(self.shadow, self.params):
-            ema.lerp_(_local(p).detach().to(ema.device, torch.float32), 1.0 - decay)
+        sources = [_local(p).detach() for p in self.params]
+        if sources and _same_place(self.shadow, sources):  # one multi-tensor kernel (CUDA) instead of one launch per tensor
+            torch._foreach_lerp_(self.shadow, sources, 1.0 - decay)
+        else:  # offloaded to the CPU, or parameters not in fp32: copy each one over first
+            for ema, p in zip(self.shadow, sources):
+                ema.lerp_(p.to(ema.device, torch.float32), 1.0 - decay)
         self.updates += 1
 
     def maybe_update(self, step: int) -> None:
@@ -70,6 +74,11 @@ class EMA:
         from safetensors.torch import load_file
 
         self.load_state_dict(load_file(str(path)))
+
+
+def _same_place(shadow: list[torch.Tensor], sources: list[torch.Tensor]) -> bool:
+    """Whether every EMA tensor has its parameter's device and dtype (fp32), as ``torch._foreach_lerp_`` needs."""
+    return all(e.device == p.device and e.dtype == p.dtype for e, p in zip(shadow, sources))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

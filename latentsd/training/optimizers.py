@@ -2,7 +2,7 @@
 
 ``optim.optimizer`` picks one (``optim.use_8bit_adam=true`` is the older name of ``adamw8bit``):
 
-* ``adamw``: ``torch.optim.AdamW`` (fused when every parameter is on CUDA);
+* ``adamw``: ``torch.optim.AdamW``, fused (when every parameter is on CUDA, or on the CPU);
 * ``adamw8bit``: bitsandbytes' ``AdamW8bit`` (CUDA only);
 * ``prodigy``: ``prodigyopt.Prodigy``, which estimates the step size itself (keep ``learning_rate`` at 1.0);
   ``safeguard_warmup`` is on when ``lr_warmup_steps`` > 0, as its authors advise; their other advice for long
@@ -72,7 +72,10 @@ def _adam_kwargs(o, lr: float) -> dict:
 
 
 def _adamw(params, o, lr, fsdp):
-    return torch.optim.AdamW, dict(_adam_kwargs(o, lr), fused=all(p.is_cuda for p in params) or None)
+    # fused: one kernel for all tensors; on CPU 4.5x faster than torch's default per-tensor loop there (measured,
+    # shapes UNet). Not for FSDP on CPU ranks (sharded parameters).
+    fused = all(p.is_cuda for p in params) or (not fsdp and all(p.device.type == "cpu" for p in params))
+    return torch.optim.AdamW, dict(_adam_kwargs(o, lr), fused=fused or None)
 
 
 def _adamw8bit(params, o, lr, fsdp):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
 
 from ..config import TrainConfig
+from ..errors import UserError
 from ..models import Components, build_components, load_components
 
 
@@ -23,10 +25,10 @@ def load_model(cfg: TrainConfig) -> Components:
     from ..schedulers import DDPMScheduler
 
     m = cfg.model
-    parts = load_components(m.pretrained, revision=m.revision, variant=m.variant) if m.pretrained \
-        else build_components(m.config, seed=cfg.seed)
+    parts = load_components(m.pretrained, revision=m.revision, variant=m.variant, allow_pickle=m.allow_pickle) \
+        if m.pretrained else build_components(m.config, seed=cfg.seed)
     if m.vae:
-        parts.vae = load_vae(m.vae)
+        parts.vae = load_vae(m.vae, allow_pickle=m.allow_pickle)
     # whatever sampler a folder ships (SD-1.5: PNDM), training noises with DDPM on the same betas
     parts.scheduler = DDPMScheduler.from_config(parts.scheduler.config, **scheduler_changes(cfg))
     return parts
@@ -38,6 +40,46 @@ def scheduler_changes(cfg: TrainConfig) -> dict:
     if cfg.loss.zero_terminal_snr:  # sampling must then start at t = T: trailing spacing
         changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     return changes
+
+
+def speed_up(unet: torch.nn.Module, optim_cfg) -> None:
+    """``optim.channels_last`` and ``optim.compile``, applied to the UNet in place: its class, weights and state-dict
+    keys stay the same, so checkpoints, resumes and exports do not depend on either setting."""
+    if optim_cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if optim_cfg.compile:
+        from torch._dynamo.exc import InvalidBackend
+
+        try:
+            unet.compile(backend=optim_cfg.compile_backend)
+        except InvalidBackend as err:
+            from torch._dynamo import list_backends
+
+            raise UserError(f"optim.compile_backend={optim_cfg.compile_backend!r} is not a torch.compile backend: use "
+                            f"one of {', '.join(list_backends())} (or aot_eager, eager for debugging)") from err
+
+
+def align_optimizer_state(optimizer) -> None:
+    """Optimizer state in the memory layout of its parameter, after a resume. torch's fused AdamW reads the state
+    and the parameter as flat buffers: a channels-last state for a contiguous parameter (a checkpoint of an
+    ``optim.channels_last`` run resumed without it, or the reverse) would silently mix up their elements."""
+    from torch.distributed.tensor import DTensor
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+    for p, state in optimizer.state.items():
+        if isinstance(p, DTensor):  # FSDP shards: laid out by FSDP, never channels-last
+            continue
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+@contextmanager
+def uncompiled():
+    """Compiled modules run eagerly inside (validation, its sampling and the held-out loss: other shapes and no
+    gradients would otherwise compile new graphs, minutes each on a CPU)."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -63,24 +105,18 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 
 def make_optimizer(params, cfg: TrainConfig, num_processes: int):
-    """AdamW (fused when on CUDA; 8-bit with bitsandbytes when asked) and a diffusers LR schedule."""
+    """The optimizer ``optim.optimizer`` names (:mod:`.optimizers`) and a diffusers LR schedule."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
     from diffusers.optimization import get_scheduler
+
+    from .optimizers import build_optimizer, lr_schedule_warmup
 
     o = cfg.optim
     lr = o.learning_rate * (o.train_batch_size * o.gradient_accumulation_steps * num_processes if o.scale_lr else 1)
-    kwargs = dict(lr=lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.adam_weight_decay, eps=o.adam_epsilon)
-    params = list(params)
-    if o.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as err:
-            raise ValueError("optim.use_8bit_adam=true needs bitsandbytes: pip install bitsandbytes "
-                             "(CUDA only), or set optim.use_8bit_adam=false") from err
-        optimizer = bnb.optim.AdamW8bit(params, **kwargs)
-    else:
-        fused = all(p.is_cuda for p in params)
-        optimizer = torch.optim.AdamW(params, fused=fused or None, **kwargs)
+    fsdp = AcceleratorState().distributed_type == DistributedType.FSDP  # Prodigy then sums its statistics over ranks
+    optimizer = build_optimizer(params, o, lr, fsdp=fsdp)
     # accelerate steps the schedule once per process per optimizer step (like diffusers' scripts)
-    schedule = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps * num_processes,
+    schedule = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=lr_schedule_warmup(o) * num_processes,
                              num_training_steps=cfg.max_steps * num_processes)
     return optimizer, schedule

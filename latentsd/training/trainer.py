@@ -19,17 +19,21 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig, save_config
 from ..data.cache import latents_from_params
+from ..data.masks import latent_mask_weights
 from ..latents import encode, latent_shape
-from ..text import PromptEncoder
 from .checkpoint import TrainState, resolve_resume, save_checkpoint, save_pipeline_atomically
 from .distributed import check_start, even_shares, full_weight_module, trained_parameters
+from .dreambooth import make_dreambooth, prior_loss_weights
 from .ema import make_ema
 from .guards import StepGuard
 from .logs import MetricsLog, flat_config
 from .preflight import preflight
 from .rng import EpochSampler, GlobalDraw
-from .setup import TORCH_DTYPES, scheduler_changes, load_model, make_accelerator, make_optimizer
-from .losses import loss_target, make_noise, perturb_input_noise, sample_timesteps, snr_weights, weighted_mse
+from .setup import TORCH_DTYPES, scheduler_changes, load_model, make_accelerator, make_optimizer, speed_up, uncompiled, \
+    align_optimizer_state
+from .losses import huber_c, loss_target, make_noise, perturb_input_noise, sample_timesteps, snr_weights, weighted_loss
+from .optimizers import EvalWeights
+from .textual_inversion import make_textual_inversion
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +44,15 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.acc = acc = make_accelerator(cfg)
-        preflight(cfg, acc.is_main_process)  # writable output_dir, free disk (and the GPU memory estimate), unloaded
+        preflight(cfg, acc.is_main_process, acc.num_processes)  # writable output_dir, free disk, GPU estimate
         check_start(acc, cfg)  # shared output_dir, DeepSpeed settings, FSDP: fail on every rank before loading
         self.weight_dtype = TORCH_DTYPES[cfg.mixed_precision]
         self.parts = parts = load_model(cfg)
+        self.dreambooth = make_dreambooth(cfg, parts, acc)  # class images from the untouched base model (cached)
+        self.ti = make_textual_inversion(cfg.ti, parts.tokenizer)  # new tokens in the tokenizer
         self.scheduler = parts.scheduler
         self.prediction_type = parts.scheduler.config.prediction_type
-        self.text_encoder_trained = cfg.model.train_text_encoder or (cfg.lora.enabled and cfg.lora.text_encoder)
+        self.text_encoder_trained = cfg.text_encoder_trained()
         modules, params = self._set_up_models()
 
         self.dataset, loader, self.holdout = self._make_data()
@@ -55,18 +61,19 @@ class Trainer:
         # FSDP swaps the parameters for sharded ones in prepare: clip and average those
         self.params = trained_parameters(self.trainable)
         self.ema = make_ema(self.params, cfg.ema)
+        self.eval_weights = EvalWeights(self.optimizer)  # schedule-free: train mode; eval weights to validate, export
         self.state, self.skipped = TrainState(), 0  # saved as JSON by checkpoint(), not pickled by accelerate
         self.guard = StepGuard(acc, cfg, self.state)
         # a trained text encoder is called through its DDP wrapper, so its gradients are synchronised
         text_encoder = self.trainable[1] if self.text_encoder_trained else parts.text_encoder
-        self.prompts = PromptEncoder(parts.tokenizer, text_encoder, max_chunks=1)
+        self.prompts = self.ti.prompt_encoder(parts.tokenizer, text_encoder, max_chunks=1)  # multi-vector tokens
 
     def _make_data(self):
         """The training loader (held-out samples excluded) and the held-out loader for the validation loss."""
-        from ..data.datasets import build_train_dataset, collate
+        from ..data.datasets import collate
 
         cfg = self.cfg
-        dataset = build_train_dataset(cfg.data, seed=cfg.seed)
+        dataset = self.dreambooth.instance_dataset(cfg.data, cfg.seed)
         if cfg.data.streaming:  # a stream shuffles itself (buffer) and has no length
             if cfg.validation.holdout or cfg.data.buckets:
                 raise ValueError("validation.holdout and data.buckets need a map-style dataset: "
@@ -79,9 +86,11 @@ class Trainer:
                              f"({cfg.optim.train_batch_size} x {self.acc.num_processes} processes): lower "
                              "optim.train_batch_size or validation.holdout, or add data")
         loader_args = dict(collate_fn=collate, num_workers=cfg.data.num_workers)
-        dataset = self._maybe_cached(dataset, loader_args)
-        if cfg.data.buckets:  # batches of one aspect bucket each, images resized to cover it, not square-cropped
-            loader = DataLoader(dataset, batch_sampler=self._bucket_sampler(dataset, range(hold, n)), **loader_args)
+        buckets = self._bucket_sampler(dataset, range(hold, n)) if cfg.data.buckets else None  # before the cache:
+        dataset = self._maybe_cached(dataset, loader_args)  # it encodes each image at its bucket's size
+        dataset = self.dreambooth.add_class_images(dataset, loader_args, self._maybe_cached)  # prior preservation
+        if buckets is not None:  # batches of one aspect bucket each, images resized to cover it, not square-cropped
+            loader = DataLoader(dataset, batch_sampler=buckets, **loader_args)
         else:
             sampler = EpochSampler(range(hold, n), cfg.seed, cfg.data.shuffle)
             loader = DataLoader(dataset, batch_size=cfg.optim.train_batch_size, sampler=sampler, drop_last=True,
@@ -125,7 +134,7 @@ class Trainer:
         from ..data.datasets import build_train_dataset, collate
 
         plain = dataclasses.replace(self.cfg.data, caption_dropout=0.0, random_flip=False, center_crop=True,
-                                    max_samples=hold)
+                                    shuffle_tags=False, tag_dropout=0.0, max_samples=hold)
         dataset = build_train_dataset(plain, seed=self.cfg.seed)
         shares = even_shares(hold, self.acc.process_index, self.acc.num_processes, self.cfg.optim.train_batch_size)
         return [{**collate([dataset[i] for i in ids]), "weight": torch.tensor(real, dtype=torch.float32)}
@@ -135,23 +144,27 @@ class Trainer:
         """Freeze what is not trained (cast to the compute dtype); trained weights stay fp32."""
         p, m, device = self.parts, self.cfg.model, self.acc.device
         modules = [p.unet] + ([p.text_encoder] if self.text_encoder_trained else [])
-        full = [] if self.cfg.lora.enabled else modules
+        full = [] if self.cfg.lora.enabled or self.ti.enabled else modules
         for module in (p.vae, p.text_encoder, p.unet):
             module.requires_grad_(module in full).train(module in modules)
             dtype = torch.float32 if module in full else self.weight_dtype
             module.to(device) if module.dtype == dtype else module.to(device, dtype=dtype)
         if self.cfg.lora.enabled:
+            from .adapter_checkpoints import register_adapter_checkpoints
             from .lora import add_lora
 
             params = add_lora(p.unet, p.text_encoder if self.cfg.lora.text_encoder else None, self.cfg.lora)
+            register_adapter_checkpoints(self.acc)  # checkpoints hold the adapters, not the frozen base weights
         else:
-            params = [q for module in modules for q in module.parameters()]
+            params = [q for module in full for q in module.parameters()]
+        params += self.ti.add_rows(p.text_encoder)  # textual inversion: the new tokens' vectors
         if m.gradient_checkpointing:
             for module in modules:
                 module.gradient_checkpointing_enable() if hasattr(module, "gradient_checkpointing_enable") \
                     else module.enable_gradient_checkpointing()
         if m.attention == "xformers":
             p.unet.enable_xformers_memory_efficient_attention()
+        speed_up(p.unet, self.cfg.optim)  # optim.channels_last, optim.compile
         return modules, params
 
     @property
@@ -159,7 +172,7 @@ class Trainer:
         return self.trainable[0]
 
     def compute_loss(self, batch: dict, micro_step: int) -> torch.Tensor:
-        """One micro-batch: latents, conditioning, noise, prediction, weighted MSE (what the loop backpropagates)."""
+        """One micro-batch: latents, conditioning, noise, prediction, weighted loss (what the loop backpropagates)."""
         acc, lc = self.acc, self.cfg.loss
         draw = GlobalDraw(self.cfg.seed, micro_step, acc.process_index, acc.num_processes, acc.device)
         latents = self.latents_of(batch, draw)
@@ -171,8 +184,11 @@ class Trainer:
         # inputs in the UNet's own dtype (fp16/bf16 base weights under LoRA; autocast covers the rest)
         dtype = self.parts.unet.dtype
         pred = self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=embeds.to(dtype), return_dict=False)[0]
-        weights = snr_weights(self.scheduler.snr(timesteps), self.prediction_type, lc.snr_gamma, lc.inverse_snr_max)
-        return weighted_mse(pred, target, weights)
+        snr = self.scheduler.snr(timesteps)
+        weights = snr_weights(snr, self.prediction_type, lc.snr_gamma, lc.inverse_snr_max, lc.debiased_estimation)
+        weights = weights * prior_loss_weights(batch, weights)  # DreamBooth: instance + w x class halves
+        masks = latent_mask_weights(batch.get("loss_mask"), latents.shape[-2:], lc.unmasked_weight)  # None: no mask
+        return weighted_loss(pred, target, weights, lc.type, huber_c(lc, timesteps, snr, len(self.scheduler)), masks)
 
     def latents_of(self, batch: dict, draw: GlobalDraw) -> torch.Tensor:
         """Scaled latents: a fresh posterior sample, from pixels (or from cached posterior parameters)."""
@@ -199,6 +215,7 @@ class Trainer:
 
             check_resumable(path)  # nothing load_state unpickles may be more than plain data
             self.acc.load_state(str(path))
+            align_optimizer_state(self.optimizer)  # a run with another optim.channels_last wrote these
             self.state.load(path)
             self.ema.load(path / "ema.safetensors")
             self.acc.print(f"resumed from {path} at step {self.state.step}")
@@ -319,7 +336,7 @@ class Trainer:
 
         cfg, out = self.cfg, {}
         modules = [self.acc.unwrap_model(m) for m in self.trainable]
-        with self.ema.swapped_in(), _eval_mode(modules):
+        with self.eval_weights(), self.ema.swapped_in(), _eval_mode(modules), uncompiled():
             if self.holdout:
                 out["val_loss"] = validation_loss(self, self.holdout)
             if cfg.validation.prompts:
@@ -350,7 +367,7 @@ class Trainer:
         from .checkpoint import export_scheduler, shipped_extras
 
         self.guard.check_weights(self.params, self.ema, f"the export {path}")
-        with self.ema.swapped_in():
+        with self.eval_weights(), self.ema.swapped_in():
             pipe = self.pipeline()  # on every rank: under FSDP it gathers the full weights
             if self.acc.is_main_process:
                 m, dtype = self.cfg.model, TORCH_DTYPES[self.cfg.export.dtype]
@@ -363,6 +380,7 @@ class Trainer:
                     pipe.text_encoder = pipe.text_encoder if self.text_encoder_trained else source.text_encoder
                 if self.cfg.lora.enabled:
                     self._export_lora(pipe, path, dtype, source)
+                self.ti.export(pipe, path, dtype, source)  # embedding files; the new rows into the text encoder
                 del source  # the source parts the export does not use (its UNet, for a full fine-tune)
                 extras = shipped_extras(m.pretrained, pipe.components, m.revision, m.variant) if m.pretrained else {}
                 save_pipeline_atomically(pipe, path, dtype, extras)
