@@ -182,14 +182,14 @@ def solid_masks(tmp_path_factory) -> Path:
 
 def test_trainer_masked_losses_white_black_and_exact_resume(tmp_path, solid_masks):
     run = ["max_steps=4", "checkpoint_every=2", "checkpoints_total_limit=0", "optim.train_batch_size=2",
-           "data.random_flip=true", "data.caption_dropout=0.2", "data.image_column=image"]
+           "data.random_flip=true", "data.caption_dropout=0.2", "data.image_column=image",
+           "cache.latents=false"]  # every run encodes on the fly (masked ones must): equal inputs
     losses = {}
     for name, extra in (("plain", []), ("white", ["data.mask_column=white"]), ("black", ["data.mask_column=black"]),
                         ("half", ["data.mask_column=half"]), ("half_u", ["data.mask_column=half", "loss.unmasked_weight=0.5"])):
         train(_cfg(solid_masks, *run, *extra, out=tmp_path / name))
         losses[name] = [m["loss"] for m in read_metrics(tmp_path / name).values()]
-    # an all-white mask is no mask (equal up to float32 summation order: the masked mean sums per pixel)
-    assert losses["white"] == pytest.approx(losses["plain"], rel=1e-5)
+    assert losses["white"] == losses["plain"]  # an all-white mask is no mask
     assert losses["black"] == [0.0] * 4  # nothing is trained from an all-black mask
     assert all(0 < h < p for h, p in zip(losses["half"], losses["plain"]))
     assert all(h < u < p for h, u, p in zip(losses["half"], losses["half_u"], losses["plain"]))
