@@ -4,7 +4,8 @@
     python benchmarks/bench_train.py --tiny     # smoke test (CI): tiny random model, seconds, numbers mean nothing
     python benchmarks/bench_train.py --sd15     # SD-1.5 architecture, random weights, 512², batch 16, bf16, on a GPU
 
-Modes (``--modes``, default all):
+Modes (``--modes``, default all; a latentsd mode may add config overrides to measure one lever:
+``fast:optim.channels_last=false``, several separated by ``;``):
 
 * ``example``: the loop of diffusers' ``examples/text_to_image/train_text_to_image.py``: VAE and text encoder every
   step, HF ``imagefolder`` + ``with_transform`` (torchvision's transforms when installed, else the same operations in
@@ -24,7 +25,7 @@ of the example loop (``--in-process``, the default with ``--tiny``: the modes on
 Per mode: images/s and s/image from the median measured step (after ``--warmup`` steps), the ratio to the example
 loop (median and quartiles of the paired steps' ratios), CPU s/image (process CPU time), peak memory (CUDA: max
 allocated; CPU: the process's peak RSS) and the one-time cost: setup (loading, cache building) plus what compilation
-and the warm-up steps take beyond the measured speed. ``--profile DIR`` writes a cProfile of each mode's measured
+and the warm-up steps take beyond the measured speed. ``--profile DIR`` writes a cProfile of each mode's (``run-<i>.prof``, i: its place in ``--modes``) measured
 steps. Prints a table and appends its rows to ``benchmarks/RESULTS.md`` (``--results``; ``--no-save`` to skip).
 """
 
@@ -76,8 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-save", action="store_true", help="print the table only")
     ap.add_argument("--profile", default=None, help="write a cProfile of each mode's measured steps to this folder")
     ap.add_argument("--workdir", default=None, help="where data, model and runs go (default: a temporary folder)")
-    ap.add_argument("--in-process", action="store_true", default=None,
-                    help="run every mode in this process (default with --tiny); no per-mode peak memory then")
+    ap.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the modes one after the other in this process, not in lockstep processes (default "
+                         "with --tiny); no per-mode peak memory then")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one mode, turns on --control
     ap.add_argument("--control", default=None, help=argparse.SUPPRESS)  # "READ_FD,WRITE_FD"
     ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -92,9 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.images = max(images, 2 * args.batch)
     args.in_process = tiny if args.in_process is None else args.in_process
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in args.modes if m not in MODES]
+    bad = [m for m in args.modes if m.partition(":")[0] not in MODES or (m.startswith("example:"))]
     if bad:
-        ap.error(f"unknown mode(s) {', '.join(bad)}: choose from {', '.join(MODES)}")
+        ap.error(f"unknown mode(s) {', '.join(bad)}: choose from {', '.join(MODES)} (a latentsd mode may add "
+                 "config overrides: fast:optim.channels_last=false;optim.compile_backend=aot_eager)")
     if min(args.steps, args.warmup, args.batch) < 1:
         ap.error("--steps, --warmup and --batch must be >= 1 (the first step is never measured)")
     return args
@@ -134,7 +137,7 @@ class Worker:
                str(args.warmup), "--batch", str(args.batch)]
         cmd += ["--tiny"] if args.size == "tiny" else ["--sd15"] if args.size == "sd15" else []
         cmd += ["--threads", str(args.threads)] if args.threads else []
-        cmd += ["--profile", str(Path(args.profile).resolve() / f"{mode}.prof")] if args.profile else []
+        cmd += ["--profile", str(Path(args.profile).resolve() / f"{out.name}.prof")] if args.profile else []
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, pass_fds=(from_parent, to_parent))
         os.close(from_parent)
@@ -157,13 +160,13 @@ def run_all(args, data: Path, model: Path, work: Path) -> dict[str, dict]:
     """Every mode's measurement: in lockstep processes, or one after the other in this process."""
     if args.in_process:
         results = {}
-        for mode in args.modes:
-            out = work / f"run-{mode}"
+        for i, mode in enumerate(args.modes):
+            out = work / f"run-{i}"
             shutil.rmtree(out, ignore_errors=True)
-            profile = str(Path(args.profile).resolve() / f"{mode}.prof") if args.profile else None
+            profile = str(Path(args.profile).resolve() / f"{out.name}.prof") if args.profile else None
             results[mode] = measure(args, mode, data, model, out, None, profile)
         return results
-    workers = [Worker(args, mode, data, model, work / f"run-{mode}") for mode in args.modes]
+    workers = [Worker(args, mode, data, model, work / f"run-{i}") for i, mode in enumerate(args.modes)]
     for turn in range(1 + args.warmup + args.steps):  # the setup, then each step
         for w in workers[turn % len(workers):] + workers[:turn % len(workers)]:
             w.go()
@@ -333,9 +336,13 @@ def measure(args, mode: str, data: Path, model: Path, out: Path, turns: Turns | 
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if mode == "example":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/example_loop.py
+        from example_loop import example_loop
+
         what = example_loop(args, data, model, clock)
     else:
-        what = latentsd_loop(args, data, model, out, LATENTSD_MODES[mode], clock)
+        name, _, extra = mode.partition(":")
+        what = latentsd_loop(args, data, model, out, LATENTSD_MODES[name] + list(filter(None, extra.split(";"))), clock)
     # a process's peak RSS is its whole life's: per mode only when each mode has its own process
     memory = peak_memory_mb(args.device) if args.device == "cuda" or turns is not None else None
     return {**clock.result(), "what": what, "peak_mem_mb": memory}
@@ -389,116 +396,6 @@ def describe_run(trainer) -> str:
     cached = [part for part in ("latents", "text") if getattr(trainer.dataset, part, None) is not None]
     compiled = getattr(trainer.parts.unet, "_compiled_call_impl", None) is not None
     return f"{'+'.join(cached) or 'nothing'} cached" + (", UNet compiled" if compiled else "")
-
-
-def example_loop(args, data: Path, model: Path, clock: StepClock) -> str:
-    """diffusers' ``train_text_to_image.py`` training step and data path, stripped of its options."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from datasets import load_dataset
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    AcceleratorState._reset_state(reset_partial_state=False)  # --in-process: forget the previous mode's settings
-    accelerator = Accelerator(mixed_precision=args.precision)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
-    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    unet.train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-
-    dataset = load_dataset("imagefolder", data_dir=str(data))
-    transform = example_transforms(args.resolution, np)
-
-    def tokenize_captions(examples):
-        return tokenizer(list(examples["text"]), max_length=tokenizer.model_max_length, padding="max_length",
-                         truncation=True, return_tensors="pt").input_ids
-
-    def preprocess_train(examples):
-        images = [image.convert("RGB") for image in examples["image"]]
-        examples["pixel_values"] = [transform(image) for image in images]
-        examples["input_ids"] = tokenize_captions(examples)
-        return examples
-
-    train_dataset = dataset["train"].with_transform(preprocess_train)
-
-    def collate_fn(examples):
-        pixel_values = torch.stack([example["pixel_values"] for example in examples])
-        pixel_values = pixel_values.to(memory_format=torch.contiguous_format).float()
-        input_ids = torch.stack([example["input_ids"] for example in examples])
-        return {"pixel_values": pixel_values, "input_ids": input_ids}
-
-    loader = torch.utils.data.DataLoader(train_dataset, shuffle=True, collate_fn=collate_fn, batch_size=args.batch,
-                                         num_workers=0, drop_last=True)
-    steps = args.warmup + args.steps
-    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=steps)
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    clock.setup_done()
-    step = 0
-    while step < steps:
-        for batch in loader:
-            train_loss = 0.0
-            with accelerator.accumulate(unet):
-                latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
-                latents = latents * vae.config.scaling_factor
-                noise = torch.randn_like(latents)
-                bsz = latents.shape[0]
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device)
-                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps.long())
-                encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
-                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-                loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
-                avg_loss = accelerator.gather(loss.repeat(args.batch)).mean()
-                train_loss += avg_loss.item()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), 1.0)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            step += 1
-            clock.tick()
-            if step >= steps:
-                break
-    return "VAE and text encoder every step"
-
-
-def example_transforms(resolution: int, np):
-    """The script's ``Resize(bilinear) → CenterCrop → ToTensor → Normalize([0.5], [0.5])``: torchvision's when
-    installed, else the same operations in PIL and numpy (torchvision is no dependency of latentsd)."""
-    import torch
-
-    try:
-        from torchvision import transforms
-    except ImportError:
-        from PIL import Image
-
-        def transform(image):
-            w, h = image.size
-            scale = resolution / min(w, h)
-            if scale != 1:
-                image = image.resize((round(w * scale), round(h * scale)), Image.Resampling.BILINEAR)
-            w, h = image.size
-            left, top = round((w - resolution) / 2), round((h - resolution) / 2)
-            image = image.crop((left, top, left + resolution, top + resolution))
-            pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
-            return (pixels - 0.5) / 0.5
-
-        return transform
-    return transforms.Compose([
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.CenterCrop(resolution), transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
 
 
 if __name__ == "__main__":

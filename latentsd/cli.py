@@ -20,6 +20,11 @@ def _generate(args) -> None:
     pipe = load_pipeline(args.model, scheduler=args.scheduler, device=args.device, allow_pickle=args.allow_pickle)
     for token in add_lora_and_embeddings(pipe, args.lora, args.lora_scale, args.embedding, args.embedding_token):
         print(f"loaded embedding {token!r}: use it in the prompt")
+    if args.fast:
+        from .fast import cache_location
+
+        print(f"--fast: compiling the denoising step at first use (tens of seconds on CPU; kept in "
+              f"{cache_location()} for later runs)")
     out = generate_to_file(pipe, args.prompt, args.out, negative_prompt=args.negative_prompt, steps=args.steps,
                            guidance=args.guidance, seed=args.seed, num_images=args.num_images,
                            height=args.height, width=args.width, eta=args.eta,

@@ -336,7 +336,7 @@ class CacheConfig:
     """Precomputed VAE latents and text-encoder outputs, on disk in shards, keyed by content hashes."""
 
     latents: Union[bool, Literal["auto"]] = opt("auto", "cache VAE latents: auto = when the VAE is frozen and the data allows "
-                                                        "(center crop, map-style, no buckets); flips cached as a second variant")
+                                                        "(center crop, map-style, no loss masks); flips cached as a second variant")
     text: Union[bool, Literal["auto"]] = opt("auto", "cache text-encoder outputs: auto = when the text encoder is frozen and "
                                                      "the captions allow (map-style, no tag shuffling)")
     dir: str = opt("", "cache folder; empty = <output_dir>/cache (share it between runs to reuse entries)", path=True)

@@ -7,38 +7,46 @@ and overridable one by one (:class:`FastPlan`):
   ``denoise_step``: UNet, guidance combine and our DDIM step together; the sampling loop, callbacks and hooks stay
   as they are. Schedulers that keep Python state (diffusers' Euler, DPM++, ...: a step index; our DDPM and DDIM with
   ``eta > 0``: random draws) keep their eager step and get the UNet compiled, so no step recompiles.
+* on CPU: inductor's weight **freezing** (the weights become constants: oneDNN convolutions and MKL linears with
+  prepacked weights and fused bias/activation) and its **C++ wrapper** (the graph's kernels called from generated
+  C++, not Python): 1.14× and 1.08× on the shapes model. channels_last, fused QKV, a compiled VAE decoder and bf16
+  gained nothing measurable there.
 * on CUDA: **CUDA graphs** for the step (inductor's ``reduce-overhead``), **channels_last**, **fused QKV**
-  projections (diffusers' ``fuse_qkv_projections``) and the **compiled VAE decoder**. On CPU these, inductor's
-  weight ``freezing`` and bf16 gained nothing measurable on the shapes model, so the CPU plan compiles the step only.
-* **compile artefacts cached between processes**: inductor's own on-disk caches, plus this process' artefacts
-  (``torch.compiler.save_cache_artifacts``) in ``$LATENTSD_COMPILE_CACHE`` (default ``~/.cache/latentsd/compile``),
-  loaded by the next process' ``optimize()``. A second process still traces the Python code (dynamo).
+  projections (diffusers' ``fuse_qkv_projections``) and the **compiled VAE decoder**.
+* **compile artefacts cached between processes**: inductor's on-disk caches go to ``$LATENTSD_COMPILE_CACHE``
+  (default ``~/.cache/latentsd/compile``) unless the user set ``TORCHINDUCTOR_CACHE_DIR``. Without freezing a later
+  process loads the compiled graphs (FX graph and AOT autograd caches); with freezing inductor cannot store the graph
+  (prepacked weights do not pickle), so a later process lowers it again but reuses every built kernel and, since
+  frozen constants are named by content (:func:`content_keyed_constants`), the C++ wrapper: the shapes model's
+  warm-up goes from ≈ 39 s to ≈ 21 s.
 
-Compiling happens at the first call of each new shape (batch, image size) or guidance scale. The compiled code reads
-the modules' weights at every call (nothing is frozen unless ``freezing=True``), so LoRA, embeddings and weight
-changes after ``optimize()`` take effect (a changed module structure recompiles). Images equal the default mode's
-within float rounding (``tests/test_fast.py``).
+Compiling happens at the first call of each new shape (batch, image size) or guidance scale. Frozen weights are
+checked once per call (a checksum of every tensor): LoRA, embeddings, ``load_state_dict`` or in-place edits after
+``optimize()`` make the next call compile again (tens of seconds on CPU). Without freezing the compiled code reads
+the weights at every call. Images equal the default mode's within float rounding (``tests/test_fast.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import inspect
 import logging
 import os
-import socket
-import time
+import types
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
-from .io import write_bytes_atomically
 from .schedulers import DDIMScheduler
 
-__all__ = ["FastPlan", "optimize", "plan_for", "cache_dir", "is_optimized"]
+__all__ = ["FastPlan", "cache_dir", "cache_location", "is_optimized", "optimize", "plan_for"]
 CACHE_ENV = "LATENTSD_COMPILE_CACHE"
-PROCESS = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"  # this process' artefact file
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 logger = logging.getLogger(__name__)
 BACKENDS = ("inductor", "aot_eager", "eager")  # the last two: structure checks without inductor's compile cost
 
@@ -53,22 +61,23 @@ class FastPlan:
     channels_last: bool = False
     fuse_qkv: bool = False
     compile_vae: bool = False  # also compile the VAE decoder
-    freezing: bool = False  # inductor may constant-fold the weights: later weight changes may go unseen
+    freezing: bool = False  # inductor keeps the weights as constants (prepacked for oneDNN); changes recompile
+    cpp_wrapper: bool = False  # inductor calls its kernels from generated C++, not Python
     fullgraph: bool = False  # a graph break is an error (tests: proves the step has no host sync)
 
     def compile_kwargs(self) -> dict:
         kw: dict = {"backend": self.backend, "dynamic": False, "fullgraph": self.fullgraph}
-        options = {"triton.cudagraphs": self.cuda_graphs, "freezing": self.freezing}  # reduce-overhead = cudagraphs
-        if self.backend == "inductor" and any(options.values()):
-            kw["options"] = {k: v for k, v in options.items() if v}
-        return kw
+        if self.backend == "inductor" and self.cuda_graphs:  # reduce-overhead = cudagraphs
+            kw["options"] = {"triton.cudagraphs": True}
+        return kw  # freezing: see Compiled.__call__
 
 
 def plan_for(device: torch.device | str, **overrides) -> FastPlan:
     """The plan that pays on ``device`` (measured on the shapes model, ``benchmarks/RESULTS.md``), with
     ``overrides`` (``None`` values are ignored)."""
     cuda = torch.device(device).type == "cuda"
-    plan = FastPlan(cuda_graphs=cuda, channels_last=cuda, fuse_qkv=cuda, compile_vae=cuda)
+    plan = FastPlan(cuda_graphs=cuda, channels_last=cuda, fuse_qkv=cuda, compile_vae=cuda, freezing=not cuda,
+                    cpp_wrapper=not cuda)
     unknown = set(overrides) - set(FastPlan.__dataclass_fields__)
     if unknown:
         raise UserError(f"optimize() got unknown option(s) {sorted(unknown)}: use some of "
@@ -88,75 +97,162 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "latentsd" / "compile").expanduser()
 
 
+def user_inductor_cache() -> str | None:
+    """``TORCHINDUCTOR_CACHE_DIR`` as the user set it; ``None`` when it holds inductor's default (inductor writes
+    that into the environment itself, e.g. when diffusers is imported)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    value = os.environ.get(INDUCTOR_CACHE_ENV)
+    return None if value is None or os.path.abspath(value) == os.path.abspath(default_cache_dir()) else value
+
+
+def cache_location() -> Path:
+    """The folder the next default ``optimize()`` compiles into: ``TORCHINDUCTOR_CACHE_DIR`` when the user set it,
+    else :func:`cache_dir`."""
+    return Path(user_inductor_cache() or cache_dir())
+
+
+def use_cache(cache: str | Path | bool | None) -> Path | None:
+    """Point inductor's on-disk caches at ``cache`` (a folder), or at :func:`cache_location` when ``None``;
+    ``False`` leaves inductor's setting alone. The setting is process-wide: later compiles share the folder."""
+    if cache is False:
+        return None
+    folder = cache_location() if cache in (None, True) else Path(cache).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the compile cache folder {folder} ({err}): set {CACHE_ENV} to a writable "
+                        "folder, or pass optimize(cache=False)") from None
+    os.environ[INDUCTOR_CACHE_ENV] = str(folder)
+    return folder
+
+
 def is_optimized(pipe) -> bool:
+    """Whether ``pipe`` runs the compiled step (``optimize()`` with ``compile=True``)."""
     return isinstance(pipe.__dict__.get("denoise_step"), CompiledStep)
 
 
-# ---- cache of compile artefacts (mega-cache) ----------------------------------------------------------------
-class ArtifactStore:
-    """Compile artefacts of earlier processes: one file per process that compiled something.
-
-    ``load()`` hands every file to ``torch.compiler.load_cache_artifacts`` (which fills inductor's local caches);
-    ``save()`` (re)writes this process' file with everything it compiled so far (``save_cache_artifacts`` is
-    cumulative), atomically: a reader never sees half a file. Delete the folder to start afresh.
-    """
-
-    def __init__(self, folder: Path | None):
-        self.folder = folder
-
-    loaded: set[tuple[str, int]] = set()  # (file, mtime) already loaded by this process
-
-    def load(self) -> int:
-        """Load the files this process has not loaded yet; returns how many loaded."""
-        if self.folder is None or not self.folder.is_dir():
-            return 0
-        count = 0
-        for file in sorted(self.folder.glob("*.bin")):
-            key = (str(file.resolve()), file.stat().st_mtime_ns)
-            if key in self.loaded or file.name == f"{PROCESS}.bin":
-                continue
-            try:
-                count += torch.compiler.load_cache_artifacts(file.read_bytes()) is not None
-                self.loaded.add(key)
-            except Exception as err:  # noqa: BLE001 - a stale or foreign file only costs a recompile
-                logger.debug("skipped compile artefacts %s: %s", file, err)
-        return count
-
-    def save(self) -> Path | None:
-        saved = None if self.folder is None else torch.compiler.save_cache_artifacts()
-        if saved is None:
-            return None
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            return write_bytes_atomically(self.folder / f"{PROCESS}.bin", saved[0])
-        except OSError as err:  # a read-only or full cache folder must not stop generation
-            logger.warning(f"could not save compile artefacts to {self.folder} ({err}): the next process compiles "
-                           f"again; set {CACHE_ENV} to a writable folder")
-            return None
-
-
-def _compiles() -> int:
-    """How many graphs dynamo compiled so far in this process (a cache hit counts too)."""
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
-
-
 class Compiled:
-    """A ``torch.compile``d callable that saves the artefact cache after a call that compiled something."""
+    """``torch.compile(fn)`` with the plan's settings; under CUDA graphs each call is a new graph step whose output
+    is copied out (the next replay overwrites the graph's own buffer).
 
-    def __init__(self, fn, plan: FastPlan, store: ArtifactStore):
-        self.fn, self.plan, self.store = fn, plan, store
-        self.compiled = torch.compile(fn, **plan.compile_kwargs())
+    With ``freezing`` inductor keeps ``weights()`` as constants. Then this compile gets a code object of its own
+    (dynamo caches compiled code per code object and would serve one pipeline's frozen weights to another), and
+    :meth:`check_weights` compiles again when the weights changed (a LoRA fused in, ``load_state_dict``, a training
+    step), found by comparing a checksum of every tensor."""
 
-    def run(self, *args, **kwargs):
-        before = _compiles()
-        if self.plan.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        out = self.compiled(*args, **kwargs)
-        if self.plan.cuda_graphs:  # the graph's output buffer is overwritten by its next replay: keep a copy
-            out = out.clone()
-        if _compiles() != before:
-            self.store.save()
-        return out
+    def __init__(self, fn, plan: FastPlan, weights=None):
+        self.fn, self.plan = fn, plan
+        self.weights = weights if plan.freezing and plan.backend == "inductor" else None
+        self._compile()
+
+    def _compile(self) -> None:
+        fn = self.fn
+        if self.weights is not None:
+            fn, self.checksum = own_code(fn), checksum(self.weights())
+        self.compiled = torch.compile(fn, **self.plan.compile_kwargs())
+
+    def check_weights(self) -> None:
+        """Compile again (at the next call) when the frozen weights changed since the last compile: one host sync."""
+        if self.weights is not None and not torch.equal(checksum(self.weights()), self.checksum):
+            logger.info("the weights changed since the fast mode froze them: compiling again")
+            self._compile()
+
+    def __call__(self, *args, **kwargs):
+        if self.plan.backend != "inductor":
+            return self._run(*args, **kwargs)
+        # set around the call, where compiling happens (lazily): through torch.compile(options=) nothing froze
+        # size_asserts off: inductor's checks of extern kernels' outputs, whose messages hold function addresses
+        # (a new C++ wrapper source in every process)
+        with torch._inductor.config.patch(freezing=self.plan.freezing, cpp_wrapper=self.plan.cpp_wrapper,
+                                          size_asserts=not self.plan.cpp_wrapper), \
+                content_keyed_constants(self.plan.freezing and self.plan.cpp_wrapper):
+            return self._run(*args, **kwargs)
+
+    def _run(self, *args, **kwargs):
+        if not self.plan.cuda_graphs:
+            return self.compiled(*args, **kwargs)
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(*args, **kwargs).clone()
+
+
+class CompiledDecoder(Compiled):
+    """The VAE decoder's ``forward`` (one call per image batch: the weights are checked at each)."""
+
+    def __call__(self, *args, **kwargs):
+        self.check_weights()
+        return super().__call__(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def content_keyed_constants(enabled: bool):
+    """Inductor keys a compiled C++ wrapper by its source, whose header names each frozen constant by its object id,
+    so every process built the same wrapper again (12 s of g++ for the shapes UNet). The constants reach the wrapper
+    as inputs, not in its code: naming them by content lets a later process reuse the build. Inductor also shares
+    one loaded module (and sets its constants on it) between graphs of equal source, so within a process the name
+    adds which tensor object of that content it is: the first pipeline of each process names its constants alike.
+    A constant that cannot be hashed keeps its id (only the reuse is lost)."""
+    if not enabled:
+        yield
+        return
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+    from torch._inductor.virtualized import V
+
+    original = CppWrapperCpu.write_constant
+
+    def write_constant(self, name, hashed):
+        try:
+            hashed = f"{hashed.rsplit(' ', 1)[0]} {content_key(V.graph.constants[name])}"
+        except Exception:  # noqa: BLE001 - keep inductor's id: correct, only not reused by a later process
+            pass
+        return original(self, name, hashed)
+
+    CppWrapperCpu.write_constant = write_constant
+    try:
+        yield
+    finally:
+        CppWrapperCpu.write_constant = original
+
+
+_SEEN: dict[str, list] = {}  # content digest -> weak references to the tensors of that content named so far
+
+
+def content_key(tensor: torch.Tensor) -> str:
+    if 0 in tensor.stride():  # MKL's packed linear weight (opaque bytes, padding included): its source weight is
+        digest = "packed"  # another constant of the graph, named by its content
+    else:
+        dense = (tensor.to_dense() if tensor.is_mkldnn else tensor).detach().cpu().contiguous()
+        digest = hashlib.blake2b(dense.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+    seen = _SEEN.setdefault(digest, [])
+    index = next((i for i, ref in enumerate(seen) if ref() is tensor), None)
+    if index is None:
+        seen.append(weakref.ref(tensor))
+        index = len(seen) - 1
+    return f"{digest}-{index}"
+
+
+def own_code(fn):
+    """``fn`` (a function or bound method) with a copy of its code object: a separate dynamo cache."""
+    if inspect.ismethod(fn):
+        return types.MethodType(own_code(fn.__func__), fn.__self__)
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    return copy
+
+
+def checksum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Per tensor its L2 norm and its sum, in float64 on the CPU (a changed weight changes one almost surely)."""
+    tensors = [t.detach() for t in tensors]
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    sums = torch.stack([t.sum(dtype=torch.float64) if t.is_floating_point() else t.sum().double() for t in tensors])
+    norms = torch.stack([n.double() for n in torch._foreach_norm([t.float() if not t.is_floating_point() else t
+                                                                 for t in tensors])])
+    return torch.cat([sums, norms]).cpu()
+
+
+def module_weights(module: torch.nn.Module):
+    return lambda: [*module.parameters(), *module.buffers()]
 
 
 def fuses_step(scheduler, extra_step_kwargs: dict) -> bool:
@@ -166,32 +262,36 @@ def fuses_step(scheduler, extra_step_kwargs: dict) -> bool:
     return isinstance(scheduler, DDIMScheduler) and not extra_step_kwargs.get("eta")
 
 
+def unet_forward(pipe, *args, **kwargs):
+    """The UNet's own forward, reached through the pipeline: dynamo then treats its weights as parameters (with the
+    module itself as an argument they are plain inputs, and nothing freezes)."""
+    return type(pipe.unet).forward(pipe.unet, *args, **kwargs)
+
+
 class CompiledStep:
     """``pipe.denoise_step`` as one compiled graph (UNet + guidance + DDIM step) where :func:`fuses_step`; else the
-    eager step with the UNet's forward compiled (what a user of diffusers does by hand). Both compile lazily."""
+    eager step with the UNet's forward compiled (what a user of diffusers does by hand). Both compile lazily. Frozen
+    weights are checked once per sampling call (:meth:`begin`, called by the loop), not per step."""
 
-    def __init__(self, pipe, plan: FastPlan, store: ArtifactStore):
+    def __init__(self, pipe, plan: FastPlan):
         self.pipe = pipe
-        self.step = Compiled(type(pipe).denoise_step, plan, store)
-        self.unet = Compiled(type(pipe.unet).forward, plan, store)
+        self.step = Compiled(type(pipe).denoise_step, plan, module_weights(pipe.unet))
+        self.unet = Compiled(unet_forward, plan, module_weights(pipe.unet))
+
+    def begin(self, extra_step_kwargs: dict) -> None:
+        """Before a sampling loop: recompile where the frozen weights changed."""
+        (self.step if fuses_step(self.pipe.scheduler, extra_step_kwargs) else self.unet).check_weights()
 
     def __call__(self, state, t, cond, extra_step_kwargs, model_input=None):
         pipe = self.pipe
         if fuses_step(pipe.scheduler, extra_step_kwargs):
-            return self.step.run(pipe, state, t, cond, extra_step_kwargs, model_input)
+            return self.step(pipe, state, t, cond, extra_step_kwargs, model_input)
         unet = pipe.unet
-        unet.forward = functools.partial(self.unet.run, unet)  # for this step only: the fused graph never sees it
+        unet.forward = functools.partial(self.unet, pipe)  # for this step only: the fused graph never sees it
         try:
             return type(pipe).denoise_step(pipe, state, t, cond, extra_step_kwargs, model_input)
         finally:
             del unet.forward
-
-
-class CompiledDecoder(Compiled):
-    """The VAE decoder's ``forward``, compiled (the module keeps its class, parameters and state-dict keys)."""
-
-    def __call__(self, *args, **kwargs):
-        return self.run(*args, **kwargs)
 
 
 # ---- optimize ----------------------------------------------------------------------------------------------
@@ -206,13 +306,14 @@ def check_pipeline(pipe) -> None:
 def optimize(pipe, *, cache: str | Path | bool | None = None, **options):
     """Switch ``pipe`` to the fast mode and return it.
 
-    ``options``: the fields of :class:`FastPlan` (``compile``, ``backend``, ``freezing``, ``cuda_graphs``,
-    ``channels_last``, ``fuse_qkv``, ``compile_vae``, ``fullgraph``); unset ones follow :func:`plan_for` for the
-    pipeline's device. ``cache``: a folder for compile artefacts, ``False`` for none, default :func:`cache_dir`.
-    Compiling happens at the first call of each new shape (tens of seconds on CPU, less in a later process).
-    Calling ``optimize()`` again replaces the compiled parts (fused QKV and channels_last stay)."""
+    ``options``: the fields of :class:`FastPlan` (``compile``, ``backend``, ``cuda_graphs``, ``channels_last``,
+    ``fuse_qkv``, ``compile_vae``, ``freezing``, ``fullgraph``); unset ones follow :func:`plan_for` for the
+    pipeline's device. ``cache``: the folder for compile artefacts (see :func:`use_cache`), ``False``: inductor's
+    default. Compiling happens at the first call of each new shape (tens of seconds on CPU, seconds in a later
+    process). Calling ``optimize()`` again replaces the compiled parts (fused QKV and channels_last stay)."""
     check_pipeline(pipe)
-    pipe.unet.eval(), pipe.vae.eval()  # inference only (what from_pretrained gives; build_components trains)
+    pipe.unet.eval()  # inference only (from_pretrained gives eval modules; build_components gives training ones)
+    pipe.vae.eval()
     plan = plan_for(pipe.unet.device, **options)
     if plan.fuse_qkv and getattr(pipe.unet, "original_attn_processors", None) is None:
         pipe.fuse_qkv_projections()
@@ -221,12 +322,11 @@ def optimize(pipe, *, cache: str | Path | bool | None = None, **options):
         pipe.vae.to(memory_format=torch.channels_last)
     unoptimize_compiled(pipe)
     if plan.compile:
-        store = ArtifactStore(None if cache is False or plan.backend != "inductor" else
-                              Path(cache).expanduser() if cache not in (None, True) else cache_dir())
-        store.load()
-        pipe.denoise_step = CompiledStep(pipe, plan, store)
-        if plan.compile_vae:
-            pipe.vae.decoder.forward = CompiledDecoder(pipe.vae.decoder.forward, plan, store)
+        if plan.backend == "inductor":
+            use_cache(cache)
+        pipe.denoise_step = CompiledStep(pipe, plan)
+        if plan.compile_vae:  # an instance attribute: the module keeps its class, parameters and state-dict keys
+            pipe.vae.decoder.forward = CompiledDecoder(pipe.vae.decoder.forward, plan, module_weights(pipe.vae.decoder))
     pipe._fast_plan = plan
     return pipe
 

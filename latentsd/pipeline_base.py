@@ -307,6 +307,8 @@ class LatentDiffusionBase(DiffusionPipeline, StableDiffusionMixin, TextualInvers
         embeds, negative = cond.prompt_embeds, cond.negative_prompt_embeds
         state = {"latents": latents, "prompt_embeds": embeds if negative is None else torch.cat([negative, embeds]),
                  "negative_prompt_embeds": negative, **(extra_state or {})}
+        if hasattr(self.denoise_step, "begin"):  # the fast mode's compiled step: once per call, not per step
+            self.denoise_step.begin(extra_step_kwargs)
         for i, t in enumerate(self.progress_bar(timesteps)):
             if self.interrupt:
                 break

@@ -31,7 +31,7 @@ class EMA:
     def update(self) -> None:
         decay = self.current_decay()
         sources = [_local(p).detach() for p in self.params]
-        if sources and _same_place(self.shadow, sources):  # one multi-tensor kernel (CUDA) instead of one launch per tensor
+        if sources and _same_place(self.shadow, sources):  # one multi-tensor kernel on CUDA, not one per tensor
             torch._foreach_lerp_(self.shadow, sources, 1.0 - decay)
         else:  # offloaded to the CPU, or parameters not in fp32: copy each one over first
             for ema, p in zip(self.shadow, sources):
