@@ -72,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=None, help="measured optimizer steps per mode (default 30; --tiny 2)")
     ap.add_argument("--warmup", type=int, default=None, help="steps before the measured ones (default 3; --tiny 2)")
     ap.add_argument("--batch", type=int, default=None, help="default 32 (--tiny 4, --sd15 16)")
+    ap.add_argument("--precision", choices=("no", "fp16", "bf16"), default=None,
+                    help="mixed precision of every mode (default: no, i.e. fp32; --sd15: bf16)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     ap.add_argument("--no-save", action="store_true", help="print the table only")
@@ -89,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     tiny = args.size == "tiny"
     args.steps = args.steps or (2 if tiny else 30)
     args.warmup = args.warmup if args.warmup is not None else (2 if tiny else 3)
-    _, args.resolution, batch, images, args.precision, args.device = SIZES[args.size]
+    _, args.resolution, batch, images, precision, args.device = SIZES[args.size]
+    args.precision = args.precision or precision
     args.batch = args.batch or batch
     args.images = max(images, 2 * args.batch)
     args.in_process = tiny if args.in_process is None else args.in_process
@@ -137,6 +140,7 @@ class Worker:
                str(args.warmup), "--batch", str(args.batch)]
         cmd += ["--tiny"] if args.size == "tiny" else ["--sd15"] if args.size == "sd15" else []
         cmd += ["--threads", str(args.threads)] if args.threads else []
+        cmd += ["--precision", args.precision]
         cmd += ["--profile", str(Path(args.profile).resolve() / f"{out.name}.prof")] if args.profile else []
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, pass_fds=(from_parent, to_parent))
