@@ -307,10 +307,10 @@ def optimize(pipe, *, cache: str | Path | bool | None = None, **options):
     """Switch ``pipe`` to the fast mode and return it.
 
     ``options``: the fields of :class:`FastPlan` (``compile``, ``backend``, ``cuda_graphs``, ``channels_last``,
-    ``fuse_qkv``, ``compile_vae``, ``freezing``, ``fullgraph``); unset ones follow :func:`plan_for` for the
-    pipeline's device. ``cache``: the folder for compile artefacts (see :func:`use_cache`), ``False``: inductor's
-    default. Compiling happens at the first call of each new shape (tens of seconds on CPU, seconds in a later
-    process). Calling ``optimize()`` again replaces the compiled parts (fused QKV and channels_last stay)."""
+    ``fuse_qkv``, ``compile_vae``, ``freezing``, ``cpp_wrapper``, ``fullgraph``); unset ones follow
+    :func:`plan_for` for the pipeline's device. ``cache``: the folder for compile artefacts (see :func:`use_cache`),
+    ``False``: inductor's default. Compiling happens at the first call of each new shape (tens of seconds on CPU,
+    about half that in a later process). Calling ``optimize()`` again replaces the compiled parts (fused QKV and channels_last stay)."""
     check_pipeline(pipe)
     pipe.unet.eval()  # inference only (from_pretrained gives eval modules; build_components gives training ones)
     pipe.vae.eval()

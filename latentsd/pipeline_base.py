@@ -328,8 +328,9 @@ class LatentDiffusionBase(DiffusionPipeline, StableDiffusionMixin, TextualInvers
         return self.scheduler.step(noise_pred, t, state["latents"], **extra_step_kwargs, return_dict=False)[0]
 
     def optimize(self, **options):
-        """Opt-in fast mode (``latentsd.fast.optimize``): compiled denoising step and VAE decoder, channels_last,
-        fused QKV, CUDA graphs on CUDA, compile artefacts cached between processes. Returns the pipeline."""
+        """Opt-in fast mode (``latentsd.fast.optimize``): the denoising step compiled as one graph, plus what pays on
+        the device (CPU: frozen weights, inductor's C++ wrapper; CUDA: CUDA graphs, channels_last, fused QKV, the VAE
+        decoder compiled); compile artefacts cached between processes. Returns the pipeline."""
         from .fast import optimize
 
         return optimize(self, **options)
