@@ -35,6 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared benchmarks/*.py
+import results_table  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Generation speed: `benchmarks/bench_generate.py`"
 HEADER = ("| date | size | device (load) | versions | dtype | batch | variant | images/s | s/image | ratio vs diffusers "
@@ -238,21 +241,15 @@ def describe_device(device: str, load: list[float]) -> str:
     return f"{where} (load {load[0]:.1f} → {load[-1]:.1f})"
 
 
-def versions() -> str:
-    import diffusers
-    import transformers
-
-    return f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}"
-
 
 def table_rows(rows: list[dict], args) -> list[str]:
     cfg, today = SIZES[args.size], datetime.date.today().isoformat()
     size = f"{args.size} ({cfg['steps']} steps, guidance {cfg['guidance']}, backend {args.backend}, {args.clock} clock)"
-    out = []
+    device, versions, out = describe_device(cfg["device"], args.load), results_table.versions(), []
     for r in rows:
         warm = "-" if r["warmup"] is None else f"{r['warmup'][0]:.1f} / {r['warmup'][1]:.1f}"
         diff = "-" if r["max_diff"] is None else f"{r['max_diff']:.1e}"
-        out.append(f"| {today} | {size} | {describe_device(cfg['device'], args.load)} | {versions()} | {args.dtype} | "
+        out.append(f"| {today} | {size} | {device} | {versions} | {args.dtype} | "
                    f"{r['batch']} | `{r['variant']}` | {r['images_per_s']:.2f} | {r['s_per_image']:.4f} | "
                    f"{r['ratio']:.2f} | {r['peak_mib']:.0f} | {warm} | {diff} |")
     return out
@@ -260,14 +257,7 @@ def table_rows(rows: list[dict], args) -> list[str]:
 
 def append_rows(path: Path, lines: list[str]) -> None:
     """Add rows at the end of this benchmark's table in ``path`` (created, with its header, when missing)."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{HEADER}\n|{' --- |' * HEADER.count(' | ')} --- |\n"
-    head, _, tail = text.partition(SECTION)
-    tail_lines = tail.split("\n")
-    first = next(i for i, line in enumerate(tail_lines) if line.startswith("|"))  # the table's header
-    end = next((i for i in range(first, len(tail_lines)) if not tail_lines[i].startswith("|")), len(tail_lines))
-    path.write_text(head + SECTION + "\n".join(tail_lines[:end] + lines + tail_lines[end:]))
+    results_table.append_rows(path, SECTION, HEADER, lines)
 
 
 def parse_args(argv=None):

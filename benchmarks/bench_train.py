@@ -43,6 +43,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared benchmarks/*.py
+import results_table  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Training speed: `benchmarks/bench_train.py`"
 HEADER = ("| date | size | device (load) | versions | dtype | batch | mode | images/s | s/image | ratio vs example "
@@ -97,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.images = max(images, 2 * args.batch)
     args.in_process = tiny if args.in_process is None else args.in_process
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in args.modes if m.partition(":")[0] not in MODES or (m.startswith("example:"))]
+    bad = [m for m in args.modes if m.partition(":")[0] not in MODES or m.startswith("example:")]
     if bad:
         ap.error(f"unknown mode(s) {', '.join(bad)}: choose from {', '.join(MODES)} (a latentsd mode may add "
                  "config overrides: fast:optim.channels_last=false;optim.compile_backend=aot_eager)")
@@ -210,23 +213,16 @@ def describe_device(args) -> str:
     return f"CPU {os.cpu_count()} cores, {args.threads or torch.get_num_threads()} threads (load {load:.1f})"
 
 
-def versions() -> str:
-    import diffusers
-    import torch
-    import transformers
-
-    return f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}"
-
 
 def table_rows(table: dict[str, dict], args) -> list[str]:
-    today, device = datetime.date.today().isoformat(), describe_device(args)
+    today, device, versions = datetime.date.today().isoformat(), describe_device(args), results_table.versions()
     dtype = "fp32" if args.precision == "no" else args.precision
     size = f"{args.size} ({args.resolution}², {args.steps} steps after {args.warmup})"
     out = []
     for mode, r in table.items():
         ratio = f"{r['ratio'][0]:.2f} ({r['ratio'][1]:.2f}–{r['ratio'][2]:.2f})" if "ratio" in r else "-"
         memory = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
-        out.append(f"| {today} | {size} | {device} | {versions()} | {dtype} | {args.batch} | `{mode}` | "
+        out.append(f"| {today} | {size} | {device} | {versions} | {dtype} | {args.batch} | `{mode}` | "
                    f"{r['images_per_s']:.2f} | {r['s_per_image']:.4f} | {ratio} | {r['cpu_s_per_image']:.4f} | "
                    f"{memory} | {r['one_time_s']:.1f} |")
     return out
@@ -234,13 +230,7 @@ def table_rows(table: dict[str, dict], args) -> list[str]:
 
 def append_rows(path: Path, lines: list[str]) -> None:
     """Add rows at the end of this benchmark's table in ``path`` (created, with its header, when missing)."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{HEADER}\n|{' --- |' * HEADER.count(' | ')} --- |\n"
-    head, _, tail = text.partition(SECTION)
-    tail_lines = tail.split("\n")
-    last = max(i for i, line in enumerate(tail_lines) if line.startswith("|"))  # the table's last row
-    path.write_text(head + SECTION + "\n".join(tail_lines[:last + 1] + lines + tail_lines[last + 1:]))
+    results_table.append_rows(path, SECTION, HEADER, lines)
 
 
 def main(argv=None) -> dict:
@@ -340,7 +330,6 @@ def measure(args, mode: str, data: Path, model: Path, out: Path, turns: Turns | 
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if mode == "example":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/example_loop.py
         from example_loop import example_loop
 
         what = example_loop(args, data, model, clock)
