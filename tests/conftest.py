@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from latentsd.data.shapes import make_shapes_dataset, write_imagefolder
 from latentsd.models import build_components
 
 
@@ -38,3 +39,9 @@ def tiny_model_dir(tmp_path_factory, tiny):
     path = tmp_path_factory.mktemp("tiny_model")
     LatentDiffusionPipeline(**tiny.as_dict()).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    """16 shapes images (seed 1) as an imagefolder, per test module (modules that need other data define their own)."""
+    return write_imagefolder(make_shapes_dataset(16, seed=1), tmp_path_factory.mktemp("shapes"))

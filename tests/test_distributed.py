@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file
 
 from latentsd.config import load_config
-from latentsd.data.shapes import make_shapes_dataset, write_imagefolder
 from latentsd.training.distributed import configure_deepspeed, even_shares
 from latentsd.training.logs import read_metrics
 from latentsd.training.trainer import Trainer
@@ -28,11 +27,6 @@ TINY = ROOT / "configs/train/tiny.yaml"
 TRAIN = ROOT / "train_scripts/train.py"
 LAUNCHED = ROOT / "tests/launched_trainer.py"
 TIMEOUT = 180
-
-
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    return write_imagefolder(make_shapes_dataset(16, seed=1), tmp_path_factory.mktemp("shapes"))
 
 
 def _args(out, data, *extra) -> list[str]:

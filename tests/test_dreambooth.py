@@ -20,6 +20,8 @@ from latentsd.training.losses import weighted_loss
 from latentsd.training.setup import load_model
 from latentsd.training.trainer import Trainer, train
 
+from shapes_adherence import adherence
+
 ROOT = Path(__file__).resolve().parent.parent
 CLASS_PROMPTS = ["a red circle on the left", "a blue square at the top"]
 
@@ -168,19 +170,6 @@ def test_bad_dreambooth_settings_are_config_errors(tmp_path, extra, message):
 
 
 # ---- shown to learn on the shapes world (slow: minutes of CPU; numbers in the README) ------------------
-def _adherence(model, prompts, targets, seeds=(0, 1)) -> dict:
-    """Scorer results (color, shape, position, all) of ``model`` prompted with ``prompts``, judged against
-    ``targets``, pooled over ``seeds`` (25 DDIM steps, guidance 2)."""
-    from latentsd.data.shapes import score
-    from latentsd.generate import load_pipeline
-
-    pipe = load_pipeline(str(model), scheduler="ddim")
-    pipe.set_progress_bar_config(disable=True)
-    runs = [score(pipe(prompts, num_inference_steps=25, guidance_scale=2.0,
-                       generator=torch.Generator().manual_seed(seed)).images, targets) for seed in seeds]
-    return {k: float(np.mean([r[k] for r in runs])) for k in ("color", "shape", "position", "all")}
-
-
 def dreambooth_on_shapes(tmp_path, prior_loss_weight: float, steps: int = 200) -> dict:
     """20 stars captioned 'a {color} sks circle {where}' teach the identifier 'sks circle' = star; the class images
     are the base model's own 30 circle prompts (60 images). Returns the scorer's results for the identifier
@@ -199,7 +188,7 @@ def dreambooth_on_shapes(tmp_path, prior_loss_weight: float, steps: int = 200) -
         f"dreambooth.class_prompt={circles}", "dreambooth.num_class_images=60",
         f"dreambooth.prior_loss_weight={prior_loss_weight}", "dreambooth.class_guidance=2.0",
         f"cache.dir={tmp_path / 'cache'}"]))
-    return {when: {"identifier": _adherence(model, identifier, stars), "class": _adherence(model, circles, circles)}
+    return {when: {"identifier": adherence(model, identifier, stars), "class": adherence(model, circles, circles)}
             for when, model in (("before", BASE_MODEL), ("after", summary["model"]))}
 
 

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 from latentsd.config import ConfigError, OptimConfig, load_config
-from latentsd.data.shapes import make_shapes_dataset, write_imagefolder
 from latentsd.models import build_components
 from latentsd.training.logs import read_metrics
 from latentsd.training.optimizers import EvalWeights, build_optimizer, lr_schedule_warmup, optimizer_name
@@ -128,11 +127,6 @@ def test_every_optimizer_lowers_the_tiny_models_loss_in_20_steps(fixed_batch, na
 
 
 # ---- through the trainer: exact resume, schedule-free's eval weights -------------------------------------
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    return write_imagefolder(make_shapes_dataset(16, seed=1), tmp_path_factory.mktemp("shapes"))
-
-
 def _cfg(out, data, name, *extra):
     return load_config(ROOT / "configs/train/tiny.yaml", [
         f"output_dir={out}", f"data.dataset={data}", "max_steps=4", "checkpoint_every=2", "checkpoints_total_limit=0",

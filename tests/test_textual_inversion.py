@@ -20,6 +20,8 @@ from latentsd.training.logs import read_metrics
 from latentsd.training.textual_inversion import MultiVectorPromptEncoder, make_textual_inversion
 from latentsd.training.trainer import train
 
+from shapes_adherence import adherence
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN, INIT = "<glyph>", "square"
 TE_FILE, UNET_FILE = "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors"
@@ -220,19 +222,6 @@ def test_a_known_token_or_an_unusable_init_word_is_a_clear_error(cfg_args, messa
 
 
 # ---- shown to learn on the shapes world (slow: minutes of CPU; numbers in the README) ------------------
-def _adherence(model, prompts, targets, seeds=(0, 1)) -> dict:
-    """Scorer results (color, shape, position, all) of ``model`` prompted with ``prompts``, judged against
-    ``targets``, pooled over ``seeds`` (25 DDIM steps, guidance 2)."""
-    from latentsd.data.shapes import score
-    from latentsd.generate import load_pipeline
-
-    pipe = load_pipeline(str(model), scheduler="ddim")
-    pipe.set_progress_bar_config(disable=True)
-    runs = [score(pipe(prompts, num_inference_steps=25, guidance_scale=2.0,
-                       generator=torch.Generator().manual_seed(seed)).images, targets) for seed in seeds]
-    return {k: float(np.mean([r[k] for r in runs])) for k in ("color", "shape", "position", "all")}
-
-
 def textual_inversion_on_shapes(tmp_path, shape: str = "triangle", steps: int = 200, lr: float = 5e-2,
                                 *extra: str) -> dict:
     """50 images of ``shape`` captioned 'a {color} <glyph> {where}' teach the new token <glyph> (one vector, from
@@ -248,8 +237,8 @@ def textual_inversion_on_shapes(tmp_path, shape: str = "triangle", steps: int = 
         "optim.lr_scheduler=constant", "optim.lr_warmup_steps=0", f"ti.tokens=[\"{TOKEN}\"]", f"ti.init_word={INIT}",
         *extra]))
     targets = [s.caption for s in specs]
-    return {"before": _adherence(BASE_MODEL, [t.replace(shape, INIT) for t in targets], targets),
-            "after": _adherence(summary["model"], [t.replace(shape, TOKEN) for t in targets], targets)}
+    return {"before": adherence(BASE_MODEL, [t.replace(shape, INIT) for t in targets], targets),
+            "after": adherence(summary["model"], [t.replace(shape, TOKEN) for t in targets], targets)}
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 from latentsd.config import OptimConfig, load_config
 from latentsd.data.cache import cache_modes
-from latentsd.data.shapes import make_shapes_dataset, write_imagefolder
 from latentsd.errors import UserError
 from latentsd.training.ema import EMA
 from latentsd.training.logs import read_metrics
@@ -20,11 +19,6 @@ from latentsd.training.setup import speed_up
 from latentsd.training.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    return write_imagefolder(make_shapes_dataset(16, seed=1), tmp_path_factory.mktemp("shapes"))
 
 
 def _cfg(out, data, *extra):

@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from latentsd.config import load_config
-from latentsd.data.shapes import make_shapes_dataset, write_imagefolder
 from latentsd.schedulers import DDPMScheduler
 from latentsd.training.ema import EMA
 from latentsd.training.losses import make_noise, perturb_input_noise, sample_timesteps, snr_weights
@@ -20,11 +19,6 @@ from latentsd.training.rng import GlobalDraw
 from latentsd.training.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    return write_imagefolder(make_shapes_dataset(16, seed=1), tmp_path_factory.mktemp("shapes"))
 
 
 def _cfg(out, data, *extra):
