@@ -147,16 +147,20 @@ class Compiled:
         self._compile()
 
     def _compile(self) -> None:
-        fn = self.fn
-        if self.weights is not None:
-            fn, self.checksum = own_code(fn), checksum(self.weights())
-        self.compiled = torch.compile(fn, **self.plan.compile_kwargs())
+        self.checksum = None  # of the weights the next compile freezes: taken at the next check_weights()
+        self.compiled = torch.compile(own_code(self.fn) if self.weights is not None else self.fn,
+                                      **self.plan.compile_kwargs())
 
     def check_weights(self) -> None:
-        """Compile again (at the next call) when the frozen weights changed since the last compile: one host sync."""
-        if self.weights is not None and not torch.equal(checksum(self.weights()), self.checksum):
+        """Before a call: compile again (lazily, at the call) when the frozen weights changed since they were first
+        checked for this compile. One host sync."""
+        if self.weights is None:
+            return
+        now = checksum(self.weights())
+        if self.checksum is not None and not torch.equal(now, self.checksum):
             logger.info("the weights changed since the fast mode froze them: compiling again")
             self._compile()
+        self.checksum = now
 
     def __call__(self, *args, **kwargs):
         if self.plan.backend != "inductor":
@@ -241,14 +245,13 @@ def own_code(fn):
 
 
 def checksum(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Per tensor its L2 norm and its sum, in float64 on the CPU (a changed weight changes one almost surely)."""
-    tensors = [t.detach() for t in tensors]
-    if not tensors:
+    """Per tensor its sum and its L2 norm, in float64 on the CPU (a changed weight changes one almost surely)."""
+    floats = [t.detach() if t.is_floating_point() else t.detach().double() for t in tensors]
+    if not floats:
         return torch.zeros(0, dtype=torch.float64)
-    sums = torch.stack([t.sum(dtype=torch.float64) if t.is_floating_point() else t.sum().double() for t in tensors])
-    norms = torch.stack([n.double() for n in torch._foreach_norm([t.float() if not t.is_floating_point() else t
-                                                                 for t in tensors])])
-    return torch.cat([sums, norms]).cpu()
+    sums = [t.sum(dtype=torch.float64) for t in floats]
+    norms = [n.double() for n in torch._foreach_norm(floats)]  # one dtype per stack: modules may mix dtypes
+    return torch.stack(sums + norms).cpu()
 
 
 def module_weights(module: torch.nn.Module):
