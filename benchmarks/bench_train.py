@@ -16,6 +16,10 @@ Modes (``--modes``, default all; a latentsd mode may add config overrides to mea
   text encoder are frozen and the data is center-cropped).
 * ``fast``: the defaults plus ``optim.compile=true optim.channels_last=true`` (``--tiny``: compiled with
   ``optim.compile_backend=aot_eager``, graph capture without inductor's code generation, which takes minutes on a CPU).
+* ``fast-bf16``: ``fast`` under bf16 autocast with ``model.attention=math``, the recipe for a CPU with AMX (on a GPU
+  ``fast`` with ``--precision bf16`` is the one: SDPA's flash kernel is the fast attention there). Its precision is
+  not the example's: add ``example:mixed_precision=bf16`` to ``--modes`` for a baseline in bf16 too (each mode's
+  ratio is then given to both examples).
 
 Every mode trains the UNet only: constant LR 1e-4, no EMA, ``num_workers=0``, fp32 (``--sd15``: bf16 autocast), on
 the same images (``make-shapes``) and weights. Each mode runs in its own process, all at once but in lockstep: one
@@ -50,11 +54,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Training speed: `benchmarks/bench_train.py`"
 HEADER = ("| date | size | device (load) | versions | dtype | batch | mode | images/s | s/image | ratio vs example "
           "(quartiles) | CPU s/image | peak MiB | one-time s |")
-MODES = ("example", "uncached", "default", "fast")
+MODES = ("example", "uncached", "default", "fast", "fast-bf16")
 LATENTSD_MODES = {
     "uncached": ["cache.latents=false", "cache.text=false"],
     "default": [],
     "fast": ["optim.compile=true", "optim.channels_last=true"],
+    "fast-bf16": ["optim.compile=true", "optim.channels_last=true", "mixed_precision=bf16", "model.attention=math"],
 }
 SIZES = {  # model, resolution, batch, images, mixed precision, device
     "tiny": ("tiny", 32, 4, 16, "no", "cpu"),
@@ -100,13 +105,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.images = max(images, 2 * args.batch)
     args.in_process = tiny if args.in_process is None else args.in_process
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in args.modes if m.partition(":")[0] not in MODES or m.startswith("example:")]
+    bad = [m for m in args.modes if m.partition(":")[0] not in MODES
+           or m.startswith("example:") and example_precision(m, None) not in ("no", "fp16", "bf16")]
     if bad:
         ap.error(f"unknown mode(s) {', '.join(bad)}: choose from {', '.join(MODES)} (a latentsd mode may add "
-                 "config overrides: fast:optim.channels_last=false;optim.compile_backend=aot_eager)")
+                 "config overrides: fast:optim.channels_last=false;optim.compile_backend=aot_eager; the example "
+                 "only its precision: example:mixed_precision=bf16)")
     if min(args.steps, args.warmup, args.batch) < 1:
         ap.error("--steps, --warmup and --batch must be >= 1 (the first step is never measured)")
     return args
+
+
+def example_precision(mode: str, default: str | None) -> str | None:
+    """The mixed precision of an ``example[:mixed_precision=P]`` mode (its one override)."""
+    extra = mode.partition(":")[2]
+    key, _, value = extra.partition("=")
+    return default if not extra else value.strip("'\"") if key == "mixed_precision" else None
 
 
 def prepare(args, work: Path) -> tuple[Path, Path]:
@@ -188,18 +202,19 @@ def run_all(args, data: Path, model: Path, work: Path) -> dict[str, dict]:
 
 def summarize(results: dict[str, dict], warmup: int, batch: int) -> dict[str, dict]:
     """Per mode: the median measured step as images/s, s/image and CPU s/image; the ratios of its steps' speeds to
-    the same steps' of the example loop (median, quartiles); the one-time cost; the peak memory."""
-    table = {}
+    the same steps' of each example loop (median, quartiles; the first example mode listed is the baseline, a
+    second one, e.g. ``example:mixed_precision=bf16``, adds its own ratio); the one-time cost; the peak memory."""
+    table, examples = {}, [m for m in results if m.partition(":")[0] == "example"]
     for mode, r in results.items():
         wall, cpu = r["step_s"][warmup:], r["cpu_s"][warmup:]
         step = statistics.median(wall)
         row = {"images_per_s": batch / step, "s_per_image": step / batch, "cpu_s_per_image": statistics.median(cpu) / batch,
                "one_time_s": r["setup_s"] + max(0.0, sum(r["step_s"][:warmup]) - warmup * step),
-               "peak_mem_mb": r["peak_mem_mb"], "what": r["what"]}
-        if "example" in results:
-            ratios = [e / t for e, t in zip(results["example"]["step_s"][warmup:], wall)]
-            q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-            row["ratio"] = (statistics.median(ratios), min(q1, q3), max(q1, q3))
+               "peak_mem_mb": r["peak_mem_mb"], "what": r["what"], "ratios": {}}
+        for example in examples:
+            ratios = [e / t for e, t in zip(results[example]["step_s"][warmup:], wall)]
+            q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            row["ratios"][example] = (statistics.median(ratios), min(q1, q3), max(q1, q3))
         table[mode] = row
     return table
 
@@ -220,7 +235,8 @@ def table_rows(table: dict[str, dict], args) -> list[str]:
     size = f"{args.size} ({args.resolution}², {args.steps} steps after {args.warmup})"
     out = []
     for mode, r in table.items():
-        ratio = f"{r['ratio'][0]:.2f} ({r['ratio'][1]:.2f}–{r['ratio'][2]:.2f})" if "ratio" in r else "-"
+        ratio = "; ".join(f"{m:.2f} ({lo:.2f}–{hi:.2f})" + ("" if i == 0 else f" vs `{example}`")
+                          for i, (example, (m, lo, hi)) in enumerate(r["ratios"].items())) or "-"
         memory = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
         out.append(f"| {today} | {size} | {device} | {versions} | {dtype} | {args.batch} | `{mode}` | "
                    f"{r['images_per_s']:.2f} | {r['s_per_image']:.4f} | {ratio} | {r['cpu_s_per_image']:.4f} | "
@@ -329,10 +345,11 @@ def measure(args, mode: str, data: Path, model: Path, out: Path, turns: Turns | 
     clock = StepClock(device_sync(args.device), turns, profile, args.warmup)  # waits for the first turn
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    if mode == "example":
+    if mode.partition(":")[0] == "example":
         from example_loop import example_loop
 
-        what = example_loop(args, data, model, clock)
+        what = example_loop(argparse.Namespace(**{**vars(args), "precision": example_precision(mode, args.precision)}),
+                            data, model, clock)
     else:
         name, _, extra = mode.partition(":")
         what = latentsd_loop(args, data, model, out, LATENTSD_MODES[name] + list(filter(None, extra.split(";"))), clock)
@@ -385,10 +402,13 @@ def latentsd_loop(args, data: Path, model: Path, out: Path, overrides: list[str]
 
 
 def describe_run(trainer) -> str:
-    """What the trainer really did: which parts came from the cache, whether the UNet ran compiled."""
+    """What the trainer really did: which parts came from the cache, whether the UNet ran compiled, under which
+    autocast, with which attention."""
     cached = [part for part in ("latents", "text") if getattr(trainer.dataset, part, None) is not None]
     compiled = getattr(trainer.parts.unet, "_compiled_call_impl", None) is not None
-    return f"{'+'.join(cached) or 'nothing'} cached" + (", UNet compiled" if compiled else "")
+    precision, attention = trainer.acc.mixed_precision, trainer.cfg.model.attention
+    return f"{'+'.join(cached) or 'nothing'} cached" + (", UNet compiled" if compiled else "") + \
+        ("" if precision == "no" else f", {precision}") + ("" if attention == "sdpa" else f", {attention} attention")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def example_loop(args, data: Path, model: Path, clock) -> str:
             clock.tick()
             if step >= steps:
                 break
-    return "VAE and text encoder every step"
+    return "VAE and text encoder every step" + ("" if args.precision == "no" else f", {args.precision}")
 
 
 def example_transforms(resolution: int, np):

@@ -112,7 +112,9 @@ class ModelConfig:
     variant: Optional[str] = opt(None, "weights variant of `pretrained`, e.g. fp16")
     train_text_encoder: bool = opt(False, "also train the text encoder (otherwise frozen)")
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet (and text encoder)")
-    attention: Literal["sdpa", "xformers"] = opt("sdpa", "attention backend")
+    attention: Literal["sdpa", "xformers", "math"] = opt(
+        "sdpa", "UNet attention: torch SDPA, xformers, or math (batched matmuls and a softmax: on a CPU under bf16 "
+        "autocast faster than SDPA's flash kernel for small heads, and fused by optim.compile)")
     prediction_type: Optional[Literal["epsilon", "v_prediction", "sample"]] = opt(
         None, "training target; null = follow the noise scheduler config"
     )

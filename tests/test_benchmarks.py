@@ -65,10 +65,11 @@ def test_bench_train_tiny_measures_every_mode_as_configured_and_records_it(tmp_p
     assert run.returncode == 0, run.stderr[-3000:]
     # each mode trained as it says: the example loop encodes every step, latentsd's default caches, fast compiles
     for what in ("example (VAE and text encoder every step)", "uncached (nothing cached)",
-                 "default (latents+text cached)", "fast (latents+text cached, UNet compiled)"):
+                 "default (latents+text cached)", "fast (latents+text cached, UNet compiled)",
+                 "fast-bf16 (latents+text cached, UNet compiled, bf16, math attention)"):
         assert f"\n{what}: " in run.stdout
     rows = {row[6].strip("`"): row for row in table(run.stdout)}
-    assert list(rows) == ["example", "uncached", "default", "fast"]
+    assert list(rows) == ["example", "uncached", "default", "fast", "fast-bf16"]
     for name, row in rows.items():
         images_per_s, s_per_image, cpu_s_per_image, one_time = map(float, (row[7], row[8], row[10], row[12]))
         assert images_per_s > 0 and abs(images_per_s * s_per_image - 1) < 0.01
@@ -84,11 +85,24 @@ def test_bench_train_tiny_measures_every_mode_as_configured_and_records_it(tmp_p
 
 def test_bench_train_lockstep_processes_each_report_their_own_peak_memory(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_train.py"), "--tiny", "--no-in-process",
-                          "--modes", "example,default", "--steps", "1", "--warmup", "1", "--threads", "1",
-                          "--no-save"], capture_output=True, text=True, timeout=300)
+                          "--modes", "example,example:mixed_precision=bf16,default", "--steps", "1", "--warmup", "1",
+                          "--threads", "1", "--no-save"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {row[6].strip("`"): row for row in table(run.stdout)}
-    assert list(rows) == ["example", "default"]
+    assert list(rows) == ["example", "example:mixed_precision=bf16", "default"]
     for row in rows.values():
         assert float(row[7]) > 0 and 100 < float(row[11]) < 10_000  # a process's peak RSS in MiB
+        # the ratio to the first example mode, then to the second one (the baseline in bf16)
+        first, second = re.fullmatch(r"(\S+) \(\S+–\S+\); (\S+) \(\S+–\S+\) vs `example:mixed_precision=bf16`",
+                                     row[9]).groups()
+        assert float(first) > 0 and float(second) > 0
+    assert rows["example"][9].startswith("1.00 (1.00–1.00); ")
+    assert rows["example:mixed_precision=bf16"][9].endswith("; 1.00 (1.00–1.00) vs `example:mixed_precision=bf16`")
+    assert "\nexample:mixed_precision=bf16 (VAE and text encoder every step, bf16): " in run.stdout
     assert "\ndefault (latents+text cached): " in run.stdout
+
+
+def test_bench_train_lets_the_example_change_only_its_precision():
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_train.py"), "--tiny", "--modes",
+                          "example:optim.compile=true", "--no-save"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "the example only its precision: example:mixed_precision=bf16" in run.stderr

@@ -146,7 +146,7 @@ def test_wrong_type(override, fragment):
     [
         ("mixed_precision=fp32", "mixed_precision: must be one of 'no', 'fp16', 'bf16', got 'fp32'"),
         ("mixed_precision=no", "quote the value"),  # bare `no` is YAML false
-        ("model.attention=flash", "'sdpa', 'xformers'"),
+        ("model.attention=flash", "'sdpa', 'xformers', 'math'"),
         ("optim.lr_scheduler=cosine_annealing", "'constant_with_warmup'"),
         ("model.prediction_type=eps", "'epsilon'"),
     ],

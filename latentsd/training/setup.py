@@ -42,6 +42,19 @@ def scheduler_changes(cfg: TrainConfig) -> dict:
     return changes
 
 
+def set_attention(unet: torch.nn.Module, attention: str) -> None:
+    """``model.attention``: torch's SDPA (diffusers' default), xformers, or ``math`` (diffusers' ``AttnProcessor``:
+    scores by ``baddbmm``, a softmax, ``bmm``). On a CPU under bf16 autocast SDPA's flash kernel is slow for small
+    heads (shapes model, 4-8 channels per head: the bf16 step 1.5x slower than with ``math``), and
+    ``optim.compile`` fuses the math softmax into its neighbours."""
+    if attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    elif attention == "math":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
+
+
 def speed_up(unet: torch.nn.Module, optim_cfg) -> None:
     """``optim.channels_last`` and ``optim.compile``, applied to the UNet in place: its class, weights and state-dict
     keys stay the same, so checkpoints, resumes and exports do not depend on either setting."""
@@ -49,6 +62,10 @@ def speed_up(unet: torch.nn.Module, optim_cfg) -> None:
         unet.to(memory_format=torch.channels_last)
     if optim_cfg.compile:
         from torch._dynamo.exc import InvalidBackend
+
+        from .compile_fixes import exact_nearest_upsampling
+
+        exact_nearest_upsampling()  # inductor on the CPU: without it, no gradient below the UNet's upsamplers
 
         try:
             unet.compile(backend=optim_cfg.compile_backend)

@@ -29,7 +29,7 @@ from .guards import StepGuard
 from .logs import MetricsLog, flat_config
 from .preflight import preflight
 from .rng import EpochSampler, GlobalDraw
-from .setup import TORCH_DTYPES, scheduler_changes, load_model, make_accelerator, make_optimizer, speed_up, uncompiled, \
+from .setup import TORCH_DTYPES, scheduler_changes, load_model, make_accelerator, make_optimizer, set_attention, speed_up, uncompiled, \
     align_optimizer_state
 from .losses import huber_c, loss_target, make_noise, perturb_input_noise, sample_timesteps, snr_weights, weighted_loss
 from .optimizers import EvalWeights
@@ -162,8 +162,7 @@ class Trainer:
             for module in modules:
                 module.gradient_checkpointing_enable() if hasattr(module, "gradient_checkpointing_enable") \
                     else module.enable_gradient_checkpointing()
-        if m.attention == "xformers":
-            p.unet.enable_xformers_memory_efficient_attention()
+        set_attention(p.unet, m.attention)
         speed_up(p.unet, self.cfg.optim)  # optim.channels_last, optim.compile
         p.vae.to(memory_format=torch.channels_last)  # frozen: encodes faster (shapes VAE, CPU, batch 32: 65 -> 57 ms)
         return modules, params
