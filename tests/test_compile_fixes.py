@@ -50,7 +50,8 @@ def test_traced_nearest_upsampling_equals_eager_and_scatters_only_for_fractional
 
 
 def test_a_unet_compiled_by_inductor_gets_eagers_gradients(tmp_path, monkeypatch):
-    # ≈ 1 min of inductor code generation on a CPU, kept in CI: it guards optim.compile's default backend; the fresh cache makes it compile, not reuse an old graph
+    # ≈ 1 min of inductor code generation on a CPU, kept in CI: it guards optim.compile's default backend; the fresh
+    # cache makes it compile, not reuse an old graph
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     torch._dynamo.reset()
     grads = []

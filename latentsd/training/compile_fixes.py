@@ -9,15 +9,17 @@ weights got a zero gradient and 166 a wrong one; each block compiled alone, or t
 faster, because part of the backward was missing.
 
 The fix: while the graph is traced, nearest upsampling by a whole factor is expressed as a broadcast and a reshape,
-which is the same function (out[i, j] = in[i // k, j // l], bit for bit) and whose gradient is a sum over each k×l block:
-no scatter. Other sizes keep torch's decomposition. Eager code is untouched: the Python kernels replaced here are only
-used by the tracer.
+the same function (out[i, j] = in[i // k, j // l], bit for bit) whose gradient is a sum over each k×l block: no
+scatter. Other sizes keep torch's decomposition. Eager code is untouched: the Python kernels replaced here serve
+only the tracer. Graphs compiled before the fix would still be read from inductor's caches, so inductor compiles get
+:func:`compile_options`: a no-op graph pass keyed by this file's hash, which is part of every cache key.
 """
 
 from __future__ import annotations
 
 import torch
 from torch._C import DispatchKey
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 _KEYS = (DispatchKey.Autograd, DispatchKey.CompositeImplicitAutograd)
 _applied = False
@@ -33,6 +35,21 @@ def exact_nearest_upsampling() -> None:
     _replace(aten.upsample_nearest2d.vec, lambda x, size, scales: (size, (None, None)) if size is not None else
              ([int(d * s) for d, s in zip(x.shape[-2:], scales)], tuple(scales)))
     _applied = True
+
+
+def compile_options() -> dict:
+    """inductor options for a compile that must not reuse graphs cached without this file's fixes."""
+    return {"joint_custom_pre_pass": _CacheKey()}
+
+
+class _CacheKey(CustomGraphPass):
+    """Changes nothing in the graph; its uuid, this file's hash, keys the compiled graphs."""
+
+    def __call__(self, graph) -> None:
+        pass
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files((__file__,))
 
 
 def _replace(op, size_and_scales) -> None:

@@ -63,12 +63,13 @@ def speed_up(unet: torch.nn.Module, optim_cfg) -> None:
     if optim_cfg.compile:
         from torch._dynamo.exc import InvalidBackend
 
-        from .compile_fixes import exact_nearest_upsampling
+        from .compile_fixes import compile_options, exact_nearest_upsampling
 
         exact_nearest_upsampling()  # inductor on the CPU: without it, no gradient below the UNet's upsamplers
 
         try:
-            unet.compile(backend=optim_cfg.compile_backend)
+            options = compile_options() if optim_cfg.compile_backend == "inductor" else None
+            unet.compile(backend=optim_cfg.compile_backend, options=options)
         except InvalidBackend as err:
             from torch._dynamo import list_backends
 
