@@ -52,13 +52,15 @@ def _assert_same_run(reference, parts, loss_tol, weight_tol):
 
 def test_compiled_unet_trains_like_eager_and_its_checkpoint_resumes_uncompiled(tmp_path, shapes_dir, eager_run):
     # aot_eager: dynamo's graph capture and AOTAutograd's forward/backward graphs, without inductor's code generation
-    # (minutes on a CPU); measured: every loss and weight equal to the eager run's (tolerance 1e-6)
+    # (minutes on a CPU); measured: every loss equal to the eager run's (tolerance 1e-6), the weights within 1.3e-5 (the
+    # traced nearest upsampling's gradient sums in another order, compile_fixes.py; Adam normalises rounding-sized
+    # gradients)
     fast, resumed = tmp_path / "compiled", tmp_path / "resumed"
     trainer = Trainer(_cfg(fast, shapes_dir, "max_steps=2", "optim.compile=true", "optim.compile_backend=aot_eager"))
     assert trainer.parts.unet._compiled_call_impl is not None  # compiled in place: same class, same state dict
     trainer.run()
     train(_cfg(resumed, shapes_dir, f"resume={fast}/checkpoints/step-0000002"))
-    _assert_same_run(eager_run, [fast, resumed], loss_tol=1e-6, weight_tol=1e-6)
+    _assert_same_run(eager_run, [fast, resumed], loss_tol=1e-6, weight_tol=1e-4)
 
 
 @pytest.mark.parametrize("first,second", [("optim.channels_last=true", "optim.channels_last=false"),
