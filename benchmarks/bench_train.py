@@ -29,8 +29,8 @@ of the example loop (``--in-process``, the default with ``--tiny``: the modes on
 Per mode: images/s and s/image from the median measured step (after ``--warmup`` steps), the ratio to the example
 loop (median and quartiles of the paired steps' ratios), CPU s/image (process CPU time), peak memory (CUDA: max
 allocated; CPU: the process's peak RSS) and the one-time cost: setup (loading, cache building) plus what compilation
-and the warm-up steps take beyond the measured speed. ``--profile DIR`` writes a cProfile of each mode's (``run-<i>.prof``, i: its place in ``--modes``) measured
-steps. Prints a table and appends its rows to ``benchmarks/RESULTS.md`` (``--results``; ``--no-save`` to skip).
+and the warm-up steps take beyond the measured speed. ``--profile DIR`` writes a cProfile of each mode's measured
+steps (``run-<i>.prof``, i: its place in ``--modes``). Prints a table and appends its rows to ``benchmarks/RESULTS.md`` (``--results``; ``--no-save`` to skip).
 """
 
 from __future__ import annotations

@@ -35,8 +35,21 @@ def eager_run(tmp_path_factory, shapes_dir):
     return out
 
 
+@pytest.fixture(scope="module")
+def eager_bf16_run(tmp_path_factory, shapes_dir):
+    """The same 4 steps under bf16 autocast (SDPA attention): how far bf16 rounding alone moves the run."""
+    out = tmp_path_factory.mktemp("eager-bf16")
+    train(_cfg(out, shapes_dir, "mixed_precision=bf16"))
+    return out
+
+
 def _unet(out):
     return load_file(Path(out) / "model/unet/diffusion_pytorch_model.safetensors")
+
+
+def _weight_distance(a: dict, b: dict) -> float:
+    """The largest difference of two UNet state dicts."""
+    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def _assert_same_run(reference, parts, loss_tol, weight_tol):
@@ -47,7 +60,7 @@ def _assert_same_run(reference, parts, loss_tol, weight_tol):
         assert abs(got[step]["loss"] - ref[step]["loss"]) <= loss_tol, (step, got[step]["loss"], ref[step]["loss"])
     a, b = _unet(reference), _unet(parts[-1])
     assert a.keys() == b.keys()  # the same state-dict keys: no compile wrapper in the checkpoint or the export
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= weight_tol
+    assert _weight_distance(a, b) <= weight_tol
 
 
 def test_compiled_unet_trains_like_eager_and_its_checkpoint_resumes_uncompiled(tmp_path, shapes_dir, eager_run):
@@ -182,14 +195,14 @@ def test_on_cuda_the_fast_mode_trains_like_eager_in_bf16(tmp_path, shapes_dir):
         assert abs(losses["fast"][step] - loss) <= 0.02 * loss, (step, losses["fast"][step], loss)
 
 
-
 def _distance(a: Path, b: Path) -> tuple[float, float]:
     """The largest difference of two runs' step losses and of their final UNet weights."""
-    la, lb, wa, wb = read_metrics(a), read_metrics(b), _unet(a), _unet(b)
-    return (max(abs(la[s]["loss"] - lb[s]["loss"]) for s in la), max((wa[k] - wb[k]).abs().max().item() for k in wa))
+    la, lb = read_metrics(a), read_metrics(b)
+    return max(abs(la[s]["loss"] - lb[s]["loss"]) for s in la), _weight_distance(_unet(a), _unet(b))
 
 
-def test_math_attention_trains_like_sdpa_and_rounds_no_worse_under_bf16(tmp_path, shapes_dir, eager_run):
+def test_math_attention_trains_like_sdpa_and_rounds_no_worse_under_bf16(tmp_path, shapes_dir, eager_run,
+                                                                         eager_bf16_run):
     # model.attention=math swaps every UNet attention for diffusers' AttnProcessor (baddbmm, softmax, bmm): the same
     # attention. fp32: the eager SDPA run within rounding (weights: Adam normalises rounding-sized gradients; measured
     # 2e-7 loss, 6e-5 weights). bf16 autocast: as far from the fp32 run as SDPA's own bf16 run (measured: losses 4e-4
@@ -202,21 +215,19 @@ def test_math_attention_trains_like_sdpa_and_rounds_no_worse_under_bf16(tmp_path
     trainer.run()
     loss, weights = _distance(eager_run, tmp_path / "math")
     assert loss <= 1e-5 and weights <= 2e-4, (loss, weights)
-    for attention in ("sdpa", "math"):
-        train(_cfg(tmp_path / f"{attention}-bf16", shapes_dir, f"model.attention={attention}", "mixed_precision=bf16"))
-    sdpa, math = _distance(eager_run, tmp_path / "sdpa-bf16"), _distance(eager_run, tmp_path / "math-bf16")
+    train(_cfg(tmp_path / "math-bf16", shapes_dir, "model.attention=math", "mixed_precision=bf16"))
+    sdpa, math = _distance(eager_run, eager_bf16_run), _distance(eager_run, tmp_path / "math-bf16")
     assert sdpa[0] > 0 and sdpa[1] > 0  # bf16 really ran
     assert math[0] <= 2 * sdpa[0] and math[1] <= 2 * sdpa[1], (math, sdpa)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_the_cpu_bf16_recipe_rounds_like_eager_bf16(tmp_path, shapes_dir, eager_run, backend):
+def test_the_cpu_bf16_recipe_rounds_like_eager_bf16(tmp_path, shapes_dir, eager_run, eager_bf16_run, backend):
     # bench_train's fast-bf16: compiled, channels_last, bf16 autocast, math attention; as far from the fp32 run as
     # plain eager bf16 is. aot_eager in CI (inductor's code generation takes a minute on a CPU: the slow run)
-    train(_cfg(tmp_path / "eager-bf16", shapes_dir, "mixed_precision=bf16"))
     fast = ["optim.compile=true", f"optim.compile_backend={backend}", "optim.channels_last=true",
             "mixed_precision=bf16", "model.attention=math"]
     train(_cfg(tmp_path / "fast-bf16", shapes_dir, *fast))
-    eager, fast = _distance(eager_run, tmp_path / "eager-bf16"), _distance(eager_run, tmp_path / "fast-bf16")
+    eager, fast = _distance(eager_run, eager_bf16_run), _distance(eager_run, tmp_path / "fast-bf16")
     assert eager[0] > 0 and eager[1] > 0  # bf16 really ran
     assert fast[0] <= 2 * eager[0] and fast[1] <= 2 * eager[1], (fast, eager)

@@ -29,8 +29,8 @@ from .guards import StepGuard
 from .logs import MetricsLog, flat_config
 from .preflight import preflight
 from .rng import EpochSampler, GlobalDraw
-from .setup import TORCH_DTYPES, scheduler_changes, load_model, make_accelerator, make_optimizer, set_attention, speed_up, uncompiled, \
-    align_optimizer_state
+from .setup import TORCH_DTYPES, scheduler_changes, load_model, make_accelerator, make_optimizer, set_attention, \
+    speed_up, uncompiled, align_optimizer_state
 from .losses import huber_c, loss_target, make_noise, perturb_input_noise, sample_timesteps, snr_weights, weighted_loss
 from .optimizers import EvalWeights
 from .textual_inversion import make_textual_inversion
