@@ -60,6 +60,7 @@ class Trainer:
         *self.trainable, self.optimizer, self.loader, self.lr_schedule = acc.prepare(*modules, optimizer, loader, schedule)
         # FSDP swaps the parameters for sharded ones in prepare: clip and average those
         self.params = trained_parameters(self.trainable)
+        self.unet_dtype = parts.unet.dtype  # its inputs' dtype (diffusers' .dtype walks every module: once, not per step)
         self.ema = make_ema(self.params, cfg.ema)
         self.eval_weights = EvalWeights(self.optimizer)  # schedule-free: train mode; eval weights to validate, export
         self.state, self.skipped = TrainState(), 0  # saved as JSON by checkpoint(), not pickled by accelerate
@@ -182,7 +183,7 @@ class Trainer:
         noisy = self.scheduler.add_noise(latents, perturb_input_noise(draw, noise, lc.input_perturbation), timesteps)
         target = loss_target(self.scheduler, latents, noise, timesteps, self.prediction_type)
         # inputs in the UNet's own dtype (fp16/bf16 base weights under LoRA; autocast covers the rest)
-        dtype = self.parts.unet.dtype
+        dtype = self.unet_dtype
         pred = self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=embeds.to(dtype), return_dict=False)[0]
         snr = self.scheduler.snr(timesteps)
         weights = snr_weights(snr, self.prediction_type, lc.snr_gamma, lc.inverse_snr_max, lc.debiased_estimation)
