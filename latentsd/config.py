@@ -208,7 +208,7 @@ class OptimConfig:
     max_nonfinite_steps: int = opt(5, "stop the run (naming the last good checkpoint) after this many optimizer steps "
                                       "in a row with a NaN/inf loss or gradient norm; each is skipped (0: never stop)")
     compile: bool = opt(False, "torch.compile the UNet (forward and backward); the first steps compile it (shapes "
-                               "model on a CPU: 1.5-2 minutes; pays there only under bf16)")
+                               "model on a CPU: 1.5-2 minutes; pays there with model.attention=math, most under bf16)")
     compile_backend: str = opt("inductor", "torch.compile backend (aot_eager: graph capture without code generation)")
     channels_last: bool = opt(False, "UNet weights and activations in channels-last memory format (GPU convolutions; "
                                      "no gain on CPU)")
