@@ -30,7 +30,8 @@ Per mode: images/s and s/image from the median measured step (after ``--warmup``
 loop (median and quartiles of the paired steps' ratios), CPU s/image (process CPU time), peak memory (CUDA: max
 allocated; CPU: the process's peak RSS) and the one-time cost: setup (loading, cache building) plus what compilation
 and the warm-up steps take beyond the measured speed. ``--profile DIR`` writes a cProfile of each mode's measured
-steps (``run-<i>.prof``, i: its place in ``--modes``). Prints a table and appends its rows to ``benchmarks/RESULTS.md`` (``--results``; ``--no-save`` to skip).
+steps (``run-<i>.prof``, i: its place in ``--modes``). Prints a table and appends its rows to
+``benchmarks/RESULTS.md`` (``--results``; ``--no-save`` to skip).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ class _CacheKey(CustomGraphPass):
 def _replace(op, size_and_scales) -> None:
     for key in _KEYS:
         original = op.py_kernels.get(key)
-        if original is None:  # another torch: its tracer does not decompose here (the gradient test says if it is right)
+        if original is None:  # another torch: its tracer does not decompose here (the gradient test checks it)
             continue
 
         def upsample(x, *args, _original=original):

@@ -60,7 +60,7 @@ class Trainer:
         *self.trainable, self.optimizer, self.loader, self.lr_schedule = acc.prepare(*modules, optimizer, loader, schedule)
         # FSDP swaps the parameters for sharded ones in prepare: clip and average those
         self.params = trained_parameters(self.trainable)
-        self.unet_dtype = parts.unet.dtype  # its inputs' dtype (diffusers' .dtype walks every module: once, not per step)
+        self.unet_dtype = parts.unet.dtype  # its inputs' dtype (diffusers' .dtype walks every module: once, not a step)
         self.ema = make_ema(self.params, cfg.ema)
         self.eval_weights = EvalWeights(self.optimizer)  # schedule-free: train mode; eval weights to validate, export
         self.state, self.skipped = TrainState(), 0  # saved as JSON by checkpoint(), not pickled by accelerate
